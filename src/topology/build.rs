@@ -1,0 +1,1 @@
+//! Building a `Topology` from a validated `Config` (stub).
