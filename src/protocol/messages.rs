@@ -1,0 +1,381 @@
+//! Decoding the frontend messages the router must look into, and encoding the messages
+//! it writes itself (to clients and to shards). Pure byte handling, no I/O.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// A body that does not have the layout its tag promises.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} message: {why}")]
+pub struct MalformedMessage {
+    pub what: &'static str,
+    pub why: &'static str,
+}
+
+/// Cursor over a message body.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8], what: &'static str) -> Self {
+        Reader { buf, pos: 0, what }
+    }
+
+    fn err(&self, why: &'static str) -> MalformedMessage {
+        MalformedMessage { what: self.what, why }
+    }
+
+    fn cstr(&mut self) -> Result<&'a str, MalformedMessage> {
+        let rest = &self.buf[self.pos..];
+        let end = rest.iter().position(|b| *b == 0).ok_or(self.err("missing string terminator"))?;
+        let s = std::str::from_utf8(&rest[..end]).map_err(|_| self.err("string is not valid UTF-8"))?;
+        self.pos += end + 1;
+        Ok(s)
+    }
+
+    fn i16(&mut self) -> Result<i16, MalformedMessage> {
+        let b = self.take(2)?;
+        Ok(i16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn i32(&mut self) -> Result<i32, MalformedMessage> {
+        let b = self.take(4)?;
+        Ok(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u8(&mut self) -> Result<u8, MalformedMessage> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], MalformedMessage> {
+        if self.buf.len() - self.pos < n {
+            return Err(self.err("message is shorter than its contents"));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn count(&mut self) -> Result<usize, MalformedMessage> {
+        let n = self.i16()?;
+        usize::try_from(n).map_err(|_| self.err("negative count"))
+    }
+
+    fn finish(&self) -> Result<(), MalformedMessage> {
+        if self.pos == self.buf.len() {
+            Ok(())
+        } else {
+            Err(self.err("trailing bytes after contents"))
+        }
+    }
+}
+
+/// `Q`: a simple query string.
+pub fn parse_query(body: &[u8]) -> Result<&str, MalformedMessage> {
+    let mut r = Reader::new(body, "Query");
+    let s = r.cstr()?;
+    r.finish()?;
+    Ok(s)
+}
+
+/// `P`: Parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parse<'a> {
+    pub name: &'a str,
+    pub sql: &'a str,
+    pub param_types: Vec<u32>,
+}
+
+pub fn parse_parse(body: &[u8]) -> Result<Parse<'_>, MalformedMessage> {
+    let mut r = Reader::new(body, "Parse");
+    let name = r.cstr()?;
+    let sql = r.cstr()?;
+    let n = r.count()?;
+    let mut param_types = Vec::with_capacity(n);
+    for _ in 0..n {
+        param_types.push(r.i32()? as u32);
+    }
+    r.finish()?;
+    Ok(Parse { name, sql, param_types })
+}
+
+/// `B`: Bind. Parameter values are borrowed from the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind<'a> {
+    pub portal: &'a str,
+    pub statement: &'a str,
+    /// Format code per parameter, expanded (0 text, 1 binary).
+    pub param_formats: Vec<i16>,
+    pub params: Vec<Option<&'a [u8]>>,
+    /// Offset in the body where the parameter-format count starts: everything after the
+    /// two names, so the message can be re-sent under another statement name.
+    pub rest_offset: usize,
+}
+
+pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, MalformedMessage> {
+    let mut r = Reader::new(body, "Bind");
+    let portal = r.cstr()?;
+    let statement = r.cstr()?;
+    let rest_offset = r.pos;
+    let nf = r.count()?;
+    let mut formats = Vec::with_capacity(nf);
+    for _ in 0..nf {
+        formats.push(r.i16()?);
+    }
+    let np = r.count()?;
+    let mut params = Vec::with_capacity(np);
+    for _ in 0..np {
+        let len = r.i32()?;
+        if len == -1 {
+            params.push(None);
+        } else {
+            let len = usize::try_from(len).map_err(|_| r.err("negative parameter length"))?;
+            params.push(Some(r.take(len)?));
+        }
+    }
+    let nr = r.count()?;
+    for _ in 0..nr {
+        r.i16()?;
+    }
+    r.finish()?;
+    let param_formats = match nf {
+        0 => vec![0; np],
+        1 => vec![formats[0]; np],
+        n if n == np => formats,
+        _ => return Err(r.err("parameter format count does not match parameter count")),
+    };
+    if param_formats.iter().any(|f| *f != 0 && *f != 1) {
+        return Err(r.err("unsupported format code"));
+    }
+    Ok(Bind { portal, statement, param_formats, params, rest_offset })
+}
+
+/// `D` / `C`: Describe or Close of a statement (`S`) or portal (`P`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target<'a> {
+    pub kind: u8,
+    pub name: &'a str,
+}
+
+pub fn parse_target<'a>(body: &'a [u8], what: &'static str) -> Result<Target<'a>, MalformedMessage> {
+    let mut r = Reader::new(body, what);
+    let kind = r.u8()?;
+    if kind != b'S' && kind != b'P' {
+        return Err(r.err("expected 'S' or 'P'"));
+    }
+    let name = r.cstr()?;
+    r.finish()?;
+    Ok(Target { kind, name })
+}
+
+/// `E`: Execute.
+pub fn parse_execute(body: &[u8]) -> Result<(&str, i32), MalformedMessage> {
+    let mut r = Reader::new(body, "Execute");
+    let portal = r.cstr()?;
+    let max_rows = r.i32()?;
+    r.finish()?;
+    Ok((portal, max_rows))
+}
+
+// ---------------------------------------------------------------------------------------
+// Encoding
+
+/// Start a message with `tag`; returns the offset of its length field for `finish`.
+pub fn begin(buf: &mut BytesMut, tag: u8) -> usize {
+    buf.put_u8(tag);
+    let at = buf.len();
+    buf.put_i32(0);
+    at
+}
+
+/// Fill in the length of the message begun at `at`.
+pub fn finish(buf: &mut BytesMut, at: usize) {
+    let len = (buf.len() - at) as i32;
+    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+pub fn put_cstr(buf: &mut BytesMut, s: &str) {
+    buf.put_slice(s.as_bytes());
+    buf.put_u8(0);
+}
+
+/// A message with a fixed tag and a body made of C strings.
+pub fn cstr_message(buf: &mut BytesMut, tag: u8, parts: &[&str]) {
+    let at = begin(buf, tag);
+    for p in parts {
+        put_cstr(buf, p);
+    }
+    finish(buf, at);
+}
+
+pub fn empty_message(buf: &mut BytesMut, tag: u8) {
+    buf.put_u8(tag);
+    buf.put_i32(4);
+}
+
+pub fn query(buf: &mut BytesMut, sql: &str) {
+    cstr_message(buf, b'Q', &[sql]);
+}
+
+pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
+    buf.put_u8(b'Z');
+    buf.put_i32(5);
+    buf.put_u8(status);
+}
+
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    cstr_message(buf, b'C', &[tag]);
+}
+
+pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
+    cstr_message(buf, b'S', &[name, value]);
+}
+
+pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
+    buf.put_u8(b'K');
+    buf.put_i32(12);
+    buf.put_i32(pid);
+    buf.put_i32(secret);
+}
+
+/// `R` Authentication with a sub-code and optional payload.
+pub fn authentication(buf: &mut BytesMut, code: i32, payload: &[u8]) {
+    let at = begin(buf, b'R');
+    buf.put_i32(code);
+    buf.put_slice(payload);
+    finish(buf, at);
+}
+
+/// Frontend Parse.
+pub fn parse(buf: &mut BytesMut, name: &str, sql: &str, types: &[u32]) {
+    let at = begin(buf, b'P');
+    put_cstr(buf, name);
+    put_cstr(buf, sql);
+    buf.put_i16(types.len() as i16);
+    for t in types {
+        buf.put_u32(*t);
+    }
+    finish(buf, at);
+}
+
+/// Frontend Bind re-addressed to `statement`, keeping the client's parameters and formats.
+pub fn rebind(buf: &mut BytesMut, portal: &str, statement: &str, rest: &[u8]) {
+    let at = begin(buf, b'B');
+    put_cstr(buf, portal);
+    put_cstr(buf, statement);
+    buf.put_slice(rest);
+    finish(buf, at);
+}
+
+/// Frontend Describe / Close.
+pub fn target(buf: &mut BytesMut, tag: u8, kind: u8, name: &str) {
+    let at = begin(buf, tag);
+    buf.put_u8(kind);
+    put_cstr(buf, name);
+    finish(buf, at);
+}
+
+pub fn execute(buf: &mut BytesMut, portal: &str, max_rows: i32) {
+    let at = begin(buf, b'E');
+    put_cstr(buf, portal);
+    buf.put_i32(max_rows);
+    finish(buf, at);
+}
+
+/// The command tag of a CommandComplete body, without its terminator.
+pub fn command_tag(body: &[u8]) -> &[u8] {
+    body.strip_suffix(&[0]).unwrap_or(body)
+}
+
+/// Parse the cstring pair of a ParameterStatus body.
+pub fn parse_parameter_status(body: &[u8]) -> Option<(String, String)> {
+    let mut r = Reader::new(body, "ParameterStatus");
+    let k = r.cstr().ok()?;
+    let v = r.cstr().ok()?;
+    Some((k.to_owned(), v.to_owned()))
+}
+
+/// A frame as raw bytes (tag, length, body).
+pub fn raw(tag: u8, body: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(body.len() + 5);
+    b.put_u8(tag);
+    b.put_i32(body.len() as i32 + 4);
+    b.put_slice(body);
+    b.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bind_body(stmt: &str, formats: &[i16], params: &[Option<&[u8]>]) -> BytesMut {
+        let mut b = BytesMut::new();
+        put_cstr(&mut b, "p1");
+        put_cstr(&mut b, stmt);
+        b.put_i16(formats.len() as i16);
+        for f in formats {
+            b.put_i16(*f);
+        }
+        b.put_i16(params.len() as i16);
+        for p in params {
+            match p {
+                Some(v) => {
+                    b.put_i32(v.len() as i32);
+                    b.put_slice(v);
+                }
+                None => b.put_i32(-1),
+            }
+        }
+        b.put_i16(1);
+        b.put_i16(1);
+        b
+    }
+
+    #[test]
+    fn bind_round_trips_under_a_new_name() {
+        let body = bind_body("s1", &[1], &[Some(&[0, 0, 0, 5]), None]);
+        let bind = parse_bind(&body).expect("valid");
+        assert_eq!(bind.portal, "p1");
+        assert_eq!(bind.statement, "s1");
+        assert_eq!(bind.param_formats, vec![1, 1]);
+        assert_eq!(bind.params, vec![Some(&[0u8, 0, 0, 5][..]), None]);
+        let mut out = BytesMut::new();
+        rebind(&mut out, "p1", "sw_1", &body[bind.rest_offset..]);
+        let reparsed = parse_bind(&out[5..]).expect("valid");
+        assert_eq!(reparsed.statement, "sw_1");
+        assert_eq!(reparsed.params, bind.params);
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors_not_panics() {
+        assert!(parse_bind(b"p\0s\0\x00\x01").is_err());
+        assert!(parse_bind(&bind_body("s", &[0, 1, 0], &[None, None])).is_err());
+        assert!(parse_bind(&bind_body("s", &[2], &[None])).is_err());
+        let mut neg = bind_body("s", &[], &[]);
+        neg.truncate(neg.len() - 6);
+        neg.put_i16(1);
+        neg.put_i32(-5);
+        assert!(parse_bind(&neg).is_err());
+        assert!(parse_parse(b"name\0select 1\0\xff\xff").is_err());
+        assert!(parse_parse(b"name\0select").is_err());
+        assert!(parse_query(b"select 1").is_err());
+        assert!(parse_query(b"select 1\0extra").is_err());
+        assert!(parse_target(b"X\0", "Describe").is_err());
+        assert!(parse_execute(b"\0\0\0").is_err());
+        // Every prefix of a valid Bind is rejected cleanly.
+        let body = bind_body("s1", &[0], &[Some(b"42")]);
+        for n in 0..body.len() {
+            assert!(parse_bind(&body[..n]).is_err(), "prefix {n}");
+        }
+    }
+
+    #[test]
+    fn parse_reads_param_types() {
+        let mut b = BytesMut::new();
+        parse(&mut b, "s", "select $1", &[20]);
+        let p = parse_parse(&b[5..]).expect("valid");
+        assert_eq!(p, Parse { name: "s", sql: "select $1", param_types: vec![20] });
+    }
+}
