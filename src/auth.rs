@@ -40,7 +40,12 @@ impl ScramVerifier {
         let client_key = hmac(&salted, b"Client Key");
         let stored_key: [u8; 32] = Sha256::digest(client_key).into();
         let server_key = hmac(&salted, b"Server Key");
-        ScramVerifier { iterations, salt, stored_key, server_key }
+        ScramVerifier {
+            iterations,
+            salt,
+            stored_key,
+            server_key,
+        }
     }
 
     /// Parse `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>` (PostgreSQL's format).
@@ -53,7 +58,12 @@ impl ScramVerifier {
         let salt = B64.decode(salt).ok()?;
         let stored_key = B64.decode(stored).ok()?.try_into().ok()?;
         let server_key = B64.decode(server).ok()?.try_into().ok()?;
-        Some(ScramVerifier { iterations, salt, stored_key, server_key })
+        Some(ScramVerifier {
+            iterations,
+            salt,
+            stored_key,
+            server_key,
+        })
     }
 
     /// A config password: a stored verifier, or plaintext to derive one from.
@@ -113,8 +123,12 @@ pub struct ScramServer {
 
 impl ScramServer {
     /// Take the client-first message; returns the server-first message to send.
-    pub fn start(verifier: ScramVerifier, client_first: &[u8]) -> Result<(ScramServer, String), ScramError> {
-        let msg = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+    pub fn start(
+        verifier: ScramVerifier,
+        client_first: &[u8],
+    ) -> Result<(ScramServer, String), ScramError> {
+        let msg =
+            std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         // gs2-header: "n,," or "y,," (client could bind, thinks we can't); "p=…" binds.
         let bare = if let Some(r) = msg.strip_prefix("n,") {
             r
@@ -126,7 +140,9 @@ impl ScramServer {
             return Err(ScramError::Malformed("bad GS2 header"));
         };
         // Optional authzid, then the bare message.
-        let (_authzid, bare) = bare.split_once(',').ok_or(ScramError::Malformed("bad GS2 header"))?;
+        let (_authzid, bare) = bare
+            .split_once(',')
+            .ok_or(ScramError::Malformed("bad GS2 header"))?;
         let client_nonce = bare
             .split(',')
             .find_map(|a| a.strip_prefix("r="))
@@ -135,7 +151,11 @@ impl ScramServer {
         let mut raw = [0u8; 18];
         rand::thread_rng().fill_bytes(&mut raw);
         let nonce = format!("{client_nonce}{}", B64.encode(raw));
-        let server_first = format!("r={nonce},s={},i={}", B64.encode(&verifier.salt), verifier.iterations);
+        let server_first = format!(
+            "r={nonce},s={},i={}",
+            B64.encode(&verifier.salt),
+            verifier.iterations
+        );
         let server = ScramServer {
             verifier,
             client_first_bare: bare.to_owned(),
@@ -147,23 +167,37 @@ impl ScramServer {
 
     /// Check the client-final message; returns the server-final message on success.
     pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
-        let msg = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
-        let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(ScramError::Malformed("missing proof"))?;
+        let msg =
+            std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let (without_proof, proof) = msg
+            .rsplit_once(",p=")
+            .ok_or(ScramError::Malformed("missing proof"))?;
         let mut attrs = without_proof.split(',');
-        let binding = attrs.next().and_then(|a| a.strip_prefix("c=")).ok_or(ScramError::Malformed("missing channel binding"))?;
+        let binding = attrs
+            .next()
+            .and_then(|a| a.strip_prefix("c="))
+            .ok_or(ScramError::Malformed("missing channel binding"))?;
         // "biws" is base64("n,,"); "eSws" is base64("y,,").
         if binding != "biws" && binding != "eSws" {
             return Err(ScramError::ChannelBinding);
         }
-        let nonce = attrs.next().and_then(|a| a.strip_prefix("r=")).ok_or(ScramError::Malformed("missing nonce"))?;
+        let nonce = attrs
+            .next()
+            .and_then(|a| a.strip_prefix("r="))
+            .ok_or(ScramError::Malformed("missing nonce"))?;
         if nonce != self.nonce {
             return Err(ScramError::Malformed("nonce mismatch"));
         }
-        let proof = B64.decode(proof).map_err(|_| ScramError::Malformed("proof is not base64"))?;
+        let proof = B64
+            .decode(proof)
+            .map_err(|_| ScramError::Malformed("proof is not base64"))?;
         if proof.len() != 32 {
             return Err(ScramError::Malformed("proof has the wrong length"));
         }
-        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
+        let auth_message = format!(
+            "{},{},{}",
+            self.client_first_bare, self.server_first, without_proof
+        );
         let signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
         let mut client_key = [0u8; 32];
         for i in 0..32 {
@@ -171,7 +205,10 @@ impl ScramServer {
         }
         let check: [u8; 32] = Sha256::digest(client_key).into();
         // Constant-time comparison.
-        let diff = check.iter().zip(self.verifier.stored_key.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let diff = check
+            .iter()
+            .zip(self.verifier.stored_key.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         if diff != 0 {
             return Err(ScramError::BadProof);
         }
@@ -189,9 +226,13 @@ mod tests {
         let verifier = ScramVerifier::from_config(server_pw);
         let mut client = ScramSha256::new(client_pw.as_bytes(), ChannelBinding::unsupported());
         let (server, first) = ScramServer::start(verifier, client.message())?;
-        client.update(first.as_bytes()).expect("client accepts server-first");
+        client
+            .update(first.as_bytes())
+            .expect("client accepts server-first");
         let fin = server.finish(client.message())?;
-        client.finish(fin.as_bytes()).expect("client verifies the server");
+        client
+            .finish(fin.as_bytes())
+            .expect("client verifies the server");
         Ok(())
     }
 
@@ -202,7 +243,10 @@ mod tests {
 
     #[test]
     fn wrong_passwords_fail() {
-        assert_eq!(exchange("app-secret", "app-secreT"), Err(ScramError::BadProof));
+        assert_eq!(
+            exchange("app-secret", "app-secreT"),
+            Err(ScramError::BadProof)
+        );
     }
 
     #[test]

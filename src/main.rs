@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "shardwire", version, about = "A sharding router for PostgreSQL")]
+#[command(
+    name = "shardwire",
+    version,
+    about = "A sharding router for PostgreSQL"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

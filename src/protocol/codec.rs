@@ -39,7 +39,10 @@ pub fn frame_len(buf: &[u8], max_len: u64) -> Result<Option<usize>, FrameError> 
     }
     let len = len as u64;
     if len > max_len {
-        return Err(FrameError::TooLarge { len, limit: max_len });
+        return Err(FrameError::TooLarge {
+            len,
+            limit: max_len,
+        });
     }
     Ok(Some(len as usize + 1))
 }
@@ -57,7 +60,10 @@ pub fn decode_frame(buf: &mut BytesMut, max_len: u64) -> Result<Option<Frame>, F
     let mut frame = buf.split_to(total);
     let tag = frame[0];
     frame.advance(HEADER);
-    Ok(Some(Frame { tag, body: frame.freeze() }))
+    Ok(Some(Frame {
+        tag,
+        body: frame.freeze(),
+    }))
 }
 
 /// Split one complete frame off `buf` keeping its header: the raw bytes, ready to be
@@ -77,10 +83,16 @@ pub fn decode_raw(buf: &mut BytesMut, max_len: u64) -> Result<Option<BytesMut>, 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartupPacket {
     /// Protocol version and the key/value parameters (user, database, options, …).
-    Startup { version: i32, params: Vec<(String, String)> },
+    Startup {
+        version: i32,
+        params: Vec<(String, String)>,
+    },
     SslRequest,
     GssEncRequest,
-    Cancel { pid: i32, secret: i32 },
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
 }
 
 pub const PROTOCOL_3_0: i32 = 196_608;
@@ -144,7 +156,10 @@ pub fn decode_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, Start
         let v = std::str::from_utf8(v).map_err(|_| StartupError::Encoding)?;
         params.push((k.to_owned(), v.to_owned()));
     }
-    Ok(Some(StartupPacket::Startup { version: code, params }))
+    Ok(Some(StartupPacket::Startup {
+        version: code,
+        params,
+    }))
 }
 
 #[cfg(test)]
@@ -170,12 +185,21 @@ mod tests {
     #[test]
     fn lying_lengths_are_rejected_without_allocating() {
         let mut buf = BytesMut::from(&b"Q\x7f\xff\xff\xff"[..]);
-        assert!(matches!(decode_frame(&mut buf, 1 << 20), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            decode_frame(&mut buf, 1 << 20),
+            Err(FrameError::TooLarge { .. })
+        ));
         assert!(buf.capacity() < 1 << 20);
         let mut buf = BytesMut::from(&b"Q\x00\x00\x00\x02"[..]);
-        assert_eq!(decode_frame(&mut buf, 1 << 20), Err(FrameError::BadLength(2)));
+        assert_eq!(
+            decode_frame(&mut buf, 1 << 20),
+            Err(FrameError::BadLength(2))
+        );
         let mut buf = BytesMut::from(&b"Q\xff\xff\xff\xff"[..]);
-        assert_eq!(decode_frame(&mut buf, 1 << 20), Err(FrameError::BadLength(-1)));
+        assert_eq!(
+            decode_frame(&mut buf, 1 << 20),
+            Err(FrameError::BadLength(-1))
+        );
     }
 
     #[test]
@@ -183,7 +207,10 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.put_i32(8);
         buf.put_i32(SSL_REQUEST);
-        assert_eq!(decode_startup(&mut buf), Ok(Some(StartupPacket::SslRequest)));
+        assert_eq!(
+            decode_startup(&mut buf),
+            Ok(Some(StartupPacket::SslRequest))
+        );
 
         let body = b"user\0app\0database\0db\0\0";
         buf.put_i32(8 + body.len() as i32);
@@ -193,14 +220,20 @@ mod tests {
             decode_startup(&mut buf),
             Ok(Some(StartupPacket::Startup {
                 version: PROTOCOL_3_0,
-                params: vec![("user".into(), "app".into()), ("database".into(), "db".into())]
+                params: vec![
+                    ("user".into(), "app".into()),
+                    ("database".into(), "db".into())
+                ]
             }))
         );
         buf.put_i32(16);
         buf.put_i32(CANCEL_REQUEST);
         buf.put_i32(7);
         buf.put_i32(9);
-        assert_eq!(decode_startup(&mut buf), Ok(Some(StartupPacket::Cancel { pid: 7, secret: 9 })));
+        assert_eq!(
+            decode_startup(&mut buf),
+            Ok(Some(StartupPacket::Cancel { pid: 7, secret: 9 }))
+        );
     }
 
     #[test]

@@ -22,15 +22,28 @@ pub struct PgError {
 
 impl PgError {
     pub fn error(code: &'static str, message: impl Into<String>) -> Self {
-        PgError { severity: "ERROR", code, message: message.into(), detail: None, hint: None, position: None }
+        PgError {
+            severity: "ERROR",
+            code,
+            message: message.into(),
+            detail: None,
+            hint: None,
+            position: None,
+        }
     }
 
     pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
-        PgError { severity: "FATAL", ..Self::error(code, message) }
+        PgError {
+            severity: "FATAL",
+            ..Self::error(code, message)
+        }
     }
 
     pub fn warning(code: &'static str, message: impl Into<String>) -> Self {
-        PgError { severity: "WARNING", ..Self::error(code, message) }
+        PgError {
+            severity: "WARNING",
+            ..Self::error(code, message)
+        }
     }
 
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
@@ -50,7 +63,11 @@ impl PgError {
 
     /// Append as an ErrorResponse (`E`), or NoticeResponse (`N`) for warnings/notices.
     pub fn encode(&self, buf: &mut BytesMut) {
-        let tag = if matches!(self.severity, "ERROR" | "FATAL" | "PANIC") { b'E' } else { b'N' };
+        let tag = if matches!(self.severity, "ERROR" | "FATAL" | "PANIC") {
+            b'E'
+        } else {
+            b'N'
+        };
         let at = begin(buf, tag);
         let mut field = |t: u8, v: &str| {
             buf.put_u8(t);
@@ -104,13 +121,19 @@ mod tests {
     #[test]
     fn error_response_fields() {
         let mut b = BytesMut::new();
-        PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, "no").with_hint("h").with_position(Some(3)).encode(&mut b);
+        PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, "no")
+            .with_hint("h")
+            .with_position(Some(3))
+            .encode(&mut b);
         assert_eq!(b[0], b'E');
         let body = &b[5..];
         let (code, msg) = summarize_error(body);
         assert_eq!((code.as_str(), msg.as_str()), ("0A000", "no"));
         assert!(body.windows(2).any(|w| w == b"Hh"));
         assert!(body.windows(2).any(|w| w == b"P3"));
-        assert_eq!(i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize, b.len() - 1);
+        assert_eq!(
+            i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize,
+            b.len() - 1
+        );
     }
 }

@@ -24,13 +24,20 @@ impl<'a> Reader<'a> {
     }
 
     fn err(&self, why: &'static str) -> MalformedMessage {
-        MalformedMessage { what: self.what, why }
+        MalformedMessage {
+            what: self.what,
+            why,
+        }
     }
 
     fn cstr(&mut self) -> Result<&'a str, MalformedMessage> {
         let rest = &self.buf[self.pos..];
-        let end = rest.iter().position(|b| *b == 0).ok_or(self.err("missing string terminator"))?;
-        let s = std::str::from_utf8(&rest[..end]).map_err(|_| self.err("string is not valid UTF-8"))?;
+        let end = rest
+            .iter()
+            .position(|b| *b == 0)
+            .ok_or(self.err("missing string terminator"))?;
+        let s =
+            std::str::from_utf8(&rest[..end]).map_err(|_| self.err("string is not valid UTF-8"))?;
         self.pos += end + 1;
         Ok(s)
     }
@@ -98,7 +105,11 @@ pub fn parse_parse(body: &[u8]) -> Result<Parse<'_>, MalformedMessage> {
         param_types.push(r.i32()? as u32);
     }
     r.finish()?;
-    Ok(Parse { name, sql, param_types })
+    Ok(Parse {
+        name,
+        sql,
+        param_types,
+    })
 }
 
 /// `B`: Bind. Parameter values are borrowed from the body.
@@ -149,7 +160,13 @@ pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, MalformedMessage> {
     if param_formats.iter().any(|f| *f != 0 && *f != 1) {
         return Err(r.err("unsupported format code"));
     }
-    Ok(Bind { portal, statement, param_formats, params, rest_offset })
+    Ok(Bind {
+        portal,
+        statement,
+        param_formats,
+        params,
+        rest_offset,
+    })
 }
 
 /// `D` / `C`: Describe or Close of a statement (`S`) or portal (`P`).
@@ -159,7 +176,10 @@ pub struct Target<'a> {
     pub name: &'a str,
 }
 
-pub fn parse_target<'a>(body: &'a [u8], what: &'static str) -> Result<Target<'a>, MalformedMessage> {
+pub fn parse_target<'a>(
+    body: &'a [u8],
+    what: &'static str,
+) -> Result<Target<'a>, MalformedMessage> {
     let mut r = Reader::new(body, what);
     let kind = r.u8()?;
     if kind != b'S' && kind != b'P' {
@@ -376,6 +396,13 @@ mod tests {
         let mut b = BytesMut::new();
         parse(&mut b, "s", "select $1", &[20]);
         let p = parse_parse(&b[5..]).expect("valid");
-        assert_eq!(p, Parse { name: "s", sql: "select $1", param_types: vec![20] });
+        assert_eq!(
+            p,
+            Parse {
+                name: "s",
+                sql: "select $1",
+                param_types: vec![20]
+            }
+        );
     }
 }
