@@ -1,0 +1,191 @@
+//! One bb8 pool per shard.
+//!
+//! bb8 on its own reports a failed connect (wrong password, shard down) as a checkout
+//! timeout after the full wait. The manager here records each connect failure and wakes
+//! waiting checkouts, so a client learns the real reason at once.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bb8::{ManageConnection, PooledConnection, RunError};
+use tokio::sync::Notify;
+
+use super::{BackendError, ServerConn};
+use crate::topology::{Shard, ShardId};
+
+/// Pool settings (from the `pool` section of the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub size: u32,
+    pub connect_timeout: Duration,
+    pub checkout_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            size: 20,
+            connect_timeout: Duration::from_millis(3000),
+            checkout_timeout: Duration::from_millis(5000),
+        }
+    }
+}
+
+/// The last connect failure of a shard, shared by the manager and checkouts.
+#[derive(Default)]
+struct Failures {
+    last: Mutex<Option<(Instant, BackendError)>>,
+    notify: Notify,
+}
+
+impl Failures {
+    fn record(&self, e: BackendError) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some((Instant::now(), e));
+        }
+        self.notify.notify_waiters();
+    }
+
+    fn clear(&self) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = None;
+        }
+    }
+
+    /// A failure newer than `since`.
+    fn since(&self, since: Instant) -> Option<BackendError> {
+        let last = self.last.lock().ok()?;
+        last.as_ref().filter(|(at, _)| *at >= since).map(|(_, e)| e.clone())
+    }
+}
+
+/// bb8 manager for one shard.
+pub struct ShardManager {
+    shard_id: ShardId,
+    shard: Shard,
+    connect_timeout: Duration,
+    failures: Arc<Failures>,
+}
+
+impl ManageConnection for ShardManager {
+    type Connection = ServerConn;
+    type Error = BackendError;
+
+    async fn connect(&self) -> Result<ServerConn, BackendError> {
+        match ServerConn::connect(self.shard_id, &self.shard, self.connect_timeout).await {
+            Ok(c) => {
+                self.failures.clear();
+                Ok(c)
+            }
+            Err(e) => {
+                tracing::warn!(shard = %self.shard.name, error = %e, "connect failed");
+                self.failures.record(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    async fn is_valid(&self, _conn: &mut ServerConn) -> Result<(), BackendError> {
+        // Checked-out connections are not pinged (a round trip per checkout); a dead one
+        // is noticed on first use and dropped.
+        Ok(())
+    }
+
+    fn has_broken(&self, conn: &mut ServerConn) -> bool {
+        !conn.reusable()
+    }
+}
+
+/// A connection checked out of a shard's pool; goes back (or is dropped if unusable)
+/// when this is dropped.
+pub type Checkout = PooledConnection<'static, ShardManager>;
+
+struct ShardPool {
+    name: String,
+    pool: bb8::Pool<ShardManager>,
+    failures: Arc<Failures>,
+    checkout_timeout: Duration,
+}
+
+/// The pools of every shard, indexed by `ShardId`.
+pub struct Pools {
+    shards: Vec<ShardPool>,
+}
+
+impl Pools {
+    pub fn new(shards: &[Shard], settings: PoolSettings) -> Pools {
+        let shards = shards
+            .iter()
+            .enumerate()
+            .map(|(id, shard)| {
+                let failures = Arc::new(Failures::default());
+                let manager = ShardManager {
+                    shard_id: id,
+                    shard: shard.clone(),
+                    connect_timeout: settings.connect_timeout,
+                    failures: failures.clone(),
+                };
+                let pool = bb8::Pool::builder()
+                    .max_size(settings.size.max(1))
+                    .min_idle(None)
+                    .test_on_check_out(false)
+                    .retry_connection(false)
+                    .connection_timeout(settings.checkout_timeout)
+                    .idle_timeout(Some(Duration::from_secs(300)))
+                    .build_unchecked(manager);
+                ShardPool { name: shard.name.clone(), pool, failures, checkout_timeout: settings.checkout_timeout }
+            })
+            .collect();
+        Pools { shards }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+
+    /// Check out a connection to `shard`, failing fast with the real reason if
+    /// connecting to it fails.
+    pub async fn checkout(&self, shard: ShardId) -> Result<Checkout, BackendError> {
+        let sp = self.shards.get(shard).ok_or_else(|| BackendError::Connect {
+            shard: format!("#{shard}"),
+            reason: "no such shard".into(),
+        })?;
+        let started = Instant::now();
+        let failed = sp.failures.notify.notified();
+        tokio::pin!(failed);
+        failed.as_mut().enable();
+        tokio::select! {
+            r = sp.pool.get_owned() => match r {
+                Ok(c) => Ok(c),
+                Err(RunError::User(e)) => Err(e),
+                Err(RunError::TimedOut) => Err(sp.failures.since(started).unwrap_or(BackendError::CheckoutTimeout {
+                    shard: sp.name.clone(),
+                    waited_ms: sp.checkout_timeout.as_millis() as u64,
+                })),
+            },
+            _ = &mut failed => {
+                // A connect attempt failed while we waited. If a connection is free after
+                // all, take it; otherwise report why connecting failed.
+                match tokio::time::timeout(Duration::from_millis(1), sp.pool.get_owned()).await {
+                    Ok(Ok(c)) => Ok(c),
+                    _ => Err(sp.failures.since(started).unwrap_or(BackendError::Connect {
+                        shard: sp.name.clone(),
+                        reason: "connect failed".into(),
+                    })),
+                }
+            }
+        }
+    }
+
+    /// Pool state for one shard: (connections, idle).
+    pub fn state(&self, shard: ShardId) -> Option<(u32, u32)> {
+        self.shards.get(shard).map(|s| {
+            let st = s.pool.state();
+            (st.connections, st.idle_connections)
+        })
+    }
+}
