@@ -12,4 +12,5 @@ pub mod frontend;
 pub mod merge;
 pub mod protocol;
 pub mod router;
+pub mod server;
 pub mod topology;

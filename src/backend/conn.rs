@@ -9,13 +9,13 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::protocol::codec::{decode_frame, Frame, PROTOCOL_3_0};
+use crate::protocol::codec::{decode_raw, Frame, PROTOCOL_3_0};
 use crate::protocol::error::summarize_error;
 use crate::protocol::messages::{self, parse_parameter_status};
 use crate::topology::{Shard, ShardId};
@@ -177,11 +177,20 @@ impl ServerConn {
 
     /// Read the next whole frame. Cancel-safe: a partial frame stays in the buffer.
     pub async fn read_frame(&mut self) -> Result<Frame, BackendError> {
+        let mut raw = self.read_raw().await?;
+        let tag = raw[0];
+        raw.advance(crate::protocol::codec::HEADER);
+        Ok(Frame { tag, body: raw.freeze() })
+    }
+
+    /// Read the next whole frame as raw bytes (tag, length, body), ready to forward.
+    /// Cancel-safe: a partial frame stays in the buffer.
+    pub async fn read_raw(&mut self) -> Result<BytesMut, BackendError> {
         loop {
-            match decode_frame(&mut self.rbuf, MAX_BACKEND_MESSAGE) {
+            match decode_raw(&mut self.rbuf, MAX_BACKEND_MESSAGE) {
                 Ok(Some(f)) => {
-                    if f.tag == b'Z' {
-                        self.status = f.body.first().copied().unwrap_or(b'I');
+                    if f[0] == b'Z' {
+                        self.status = f.get(5).copied().unwrap_or(b'I');
                     }
                     return Ok(f);
                 }

@@ -1,1 +1,110 @@
-//! merge (stub)
+//! Relaying shard responses to the client: pass-through for one shard, and combining the
+//! answers of several shards for a fan-out.
+//!
+//! The session describes what the client is waiting for as a queue of `Step`s, one per
+//! message the client sent (plus responses to messages the router injected, which are
+//! swallowed, and answers the router gives itself, which are spliced in at their place).
+//! ReadyForQuery is never forwarded: the session writes its own, carrying the
+//! transaction status of the whole client session.
+
+mod multi;
+mod single;
+
+use bytes::Bytes;
+
+pub use multi::relay_multi;
+pub use single::relay_single;
+
+use crate::backend::BackendError;
+use crate::frontend::client::ClientError;
+use crate::protocol::PgError;
+
+/// Which client message a server response answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    /// A simple Query: everything up to ReadyForQuery.
+    Query,
+    Parse,
+    Bind,
+    /// Describe of a statement: ParameterDescription, then RowDescription or NoData.
+    DescribeStatement,
+    /// Describe of a portal: RowDescription or NoData.
+    DescribePortal,
+    Execute,
+    Close,
+    Sync,
+}
+
+impl StepKind {
+    /// Whether a frame with `tag` is the last one answering this step.
+    fn is_terminal(self, tag: u8) -> bool {
+        match self {
+            StepKind::Query | StepKind::Sync => tag == b'Z',
+            StepKind::Parse => tag == b'1',
+            StepKind::Bind => tag == b'2',
+            StepKind::Close => tag == b'3',
+            StepKind::DescribeStatement | StepKind::DescribePortal => tag == b'T' || tag == b'n',
+            StepKind::Execute => matches!(tag, b'C' | b'I' | b's'),
+        }
+    }
+
+    /// Whether the server, after an error in this step, skips everything up to Sync.
+    fn skips_to_sync(self) -> bool {
+        !matches!(self, StepKind::Query | StepKind::Sync)
+    }
+}
+
+/// One thing the client is owed, in order.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// An answer the router gives itself (e.g. ParseComplete for a Parse it handled).
+    Synthetic(Bytes),
+    /// The servers' answer to a message sent to them; `forward: false` for a message the
+    /// router injected (a Parse re-creating a statement on this connection).
+    Server { kind: StepKind, forward: bool },
+}
+
+/// How combined CommandComplete tags are formed for a fan-out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combine {
+    /// Row counts are added up (reads and writes spread over shards).
+    Sum,
+    /// Every shard did the same thing (reference-table writes, DDL): report one shard's.
+    Replicated,
+}
+
+/// What a relay saw.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// An ErrorResponse reached the client.
+    pub error: bool,
+    /// The server(s) will skip messages until the client's next Sync (an error in the
+    /// extended protocol with no Sync yet in this batch).
+    pub skipping: bool,
+    /// How many server steps completed before the first error (the index of the step
+    /// that failed).
+    pub failed_step: Option<usize>,
+}
+
+/// Why a relay stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The router refuses to merge what the shards sent (e.g. differing row shapes).
+    #[error("{0}")]
+    Refused(PgError),
+}
+
+/// Drop queued steps up to (not including) the next Sync; returns whether one was found.
+fn skip_to_sync(steps: &mut std::collections::VecDeque<Step>) -> bool {
+    while let Some(s) = steps.front() {
+        if matches!(s, Step::Server { kind: StepKind::Sync, .. }) {
+            return true;
+        }
+        steps.pop_front();
+    }
+    false
+}

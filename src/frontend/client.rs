@@ -1,0 +1,108 @@
+//! The client's socket as a protocol stream: whole frames in, buffered bytes out.
+//!
+//! Deliberately does not expose the raw socket: everything a session writes goes through
+//! `wbuf` and is sent by `flush`, once per batch of messages.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::protocol::codec::{decode_raw, decode_startup, FrameError, StartupError, StartupPacket};
+use crate::protocol::PgError;
+
+/// Why reading from the client stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("client closed the connection")]
+    Closed,
+    #[error("client I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Startup(#[from] StartupError),
+}
+
+pub struct ClientConn {
+    stream: TcpStream,
+    /// Bytes received and not yet decoded.
+    rbuf: BytesMut,
+    /// Bytes queued for the client.
+    pub wbuf: BytesMut,
+    /// Largest message accepted from this client (pool.max_message_bytes).
+    max_message: u64,
+}
+
+impl ClientConn {
+    pub fn new(stream: TcpStream, max_message: u64) -> ClientConn {
+        ClientConn { stream, rbuf: BytesMut::with_capacity(8192), wbuf: BytesMut::with_capacity(8192), max_message }
+    }
+
+    async fn fill(&mut self) -> Result<(), ClientError> {
+        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+            self.rbuf.reserve(8192);
+        }
+        let n = self.stream.read_buf(&mut self.rbuf).await?;
+        if n == 0 {
+            return Err(ClientError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Read the untagged first packet of a connection.
+    pub async fn read_startup(&mut self) -> Result<StartupPacket, ClientError> {
+        loop {
+            if let Some(p) = decode_startup(&mut self.rbuf)? {
+                return Ok(p);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Read one whole tagged frame (raw: tag, length, body). Cancel-safe.
+    pub async fn read_raw(&mut self) -> Result<BytesMut, ClientError> {
+        loop {
+            if let Some(f) = decode_raw(&mut self.rbuf, self.max_message)? {
+                return Ok(f);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Whether a whole frame is already buffered.
+    pub fn has_buffered_frame(&self) -> bool {
+        matches!(crate::protocol::codec::frame_len(&self.rbuf, self.max_message), Ok(Some(n)) if self.rbuf.len() >= n)
+    }
+
+    /// Whether bytes that arrived before the handshake finished are waiting (a client
+    /// that pipelines after SSLRequest 'N' is fine; this is for the SSL answer only).
+    pub fn has_pending_input(&self) -> bool {
+        !self.rbuf.is_empty()
+    }
+
+    pub async fn flush(&mut self) -> Result<(), ClientError> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+            if self.wbuf.capacity() > 1 << 20 {
+                // Don't keep a huge buffer alive for an idle client.
+                self.wbuf = BytesMut::with_capacity(8192);
+            }
+        }
+        Ok(())
+    }
+
+    /// Write raw bytes straight away (e.g. the one-byte SSL refusal).
+    pub async fn write_now(&mut self, b: &[u8]) -> Result<(), ClientError> {
+        self.stream.write_all(b).await?;
+        Ok(())
+    }
+
+    pub fn send_error(&mut self, e: &PgError) {
+        e.encode(&mut self.wbuf);
+    }
+
+    pub fn peer(&self) -> String {
+        self.stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into())
+    }
+}

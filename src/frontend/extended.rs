@@ -1,0 +1,533 @@
+//! The extended query protocol: Parse/Bind/Describe/Execute/Close/Flush/Sync.
+//!
+//! Messages are gathered into groups that go to the same shard(s); a group is sent when
+//! the target changes, at Flush and at Sync. The router answers Parse and Close itself
+//! (statements live in the session, not on a particular server connection) and creates
+//! each statement on whichever pooled connection runs it, under a name derived from its
+//! text and parameter types, so a connection parses it once however many clients use it.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::session::{route_error, Session, SessionError, StmtError};
+use crate::merge::{relay_multi, relay_single, Combine, RelayError, Step, StepKind};
+use crate::protocol::messages::{self, MalformedMessage};
+use crate::protocol::{sqlstate, PgError};
+use crate::router::{MergePlan, Param, QueryPlan, Route, StatementKind};
+use crate::topology::ShardId;
+
+/// A statement prepared by the client (protocol level).
+pub struct PreparedStatement {
+    pub sql: String,
+    pub param_types: Vec<u32>,
+    /// The router's analysis: zero statements (empty query) or one.
+    pub plan: Arc<QueryPlan>,
+    /// Identifies the statement on server connections (`sw_<hash>`).
+    pub hash: u64,
+}
+
+impl PreparedStatement {
+    fn server_name(&self) -> String {
+        format!("sw_{:016x}", self.hash)
+    }
+
+    /// Transaction control and settings are run by the session, not forwarded as is.
+    fn is_local(&self) -> bool {
+        match self.plan.statements.first() {
+            Some(s) => !matches!(s.kind, StatementKind::Query | StatementKind::Show | StatementKind::Other),
+            None => false,
+        }
+    }
+}
+
+/// A bound portal: which statement, and where it runs.
+pub struct Portal {
+    pub statement: Arc<PreparedStatement>,
+    pub target: Target,
+}
+
+/// Where a group of messages goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Only answers the router gives itself.
+    Local,
+    Shard(ShardId),
+    Multi(Vec<ShardId>, Combine),
+}
+
+/// One message to send (or answer) within a group.
+enum Op {
+    Bind { portal: String, statement: Arc<PreparedStatement>, rest: Bytes },
+    DescribeStatement(Arc<PreparedStatement>),
+    DescribePortal(String),
+    Execute(String, i32),
+    ClosePortal(String),
+    Synthetic(Bytes),
+}
+
+/// Messages bound for one target, in client order.
+pub struct Group {
+    target: Target,
+    ops: Vec<Op>,
+}
+
+/// Groups waiting for Flush or Sync.
+#[derive(Default)]
+pub struct Pending {
+    groups: Vec<Group>,
+    /// Shards that were sent messages without a Sync yet.
+    unsynced: BTreeSet<ShardId>,
+}
+
+fn malformed(e: MalformedMessage) -> SessionError {
+    SessionError::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))
+}
+
+fn synthetic(tag: u8) -> Op {
+    Op::Synthetic(messages::raw(tag, &[]))
+}
+
+impl Session {
+    fn add_op(&mut self, target: Target, op: Op) {
+        let groups = &mut self.pending.groups;
+        match groups.last_mut() {
+            Some(g) if g.target == target || target == Target::Local => g.ops.push(op),
+            Some(g) if g.target == Target::Local => {
+                g.target = target;
+                g.ops.push(op);
+            }
+            _ => groups.push(Group { target, ops: vec![op] }),
+        }
+    }
+
+    /// An error answering a client message: reported in order, then everything up to
+    /// Sync is ignored.
+    fn ext_error(&mut self, e: impl Into<StmtError>) {
+        let mut b = BytesMut::new();
+        e.into().encode(&mut b);
+        self.add_op(Target::Local, Op::Synthetic(b.freeze()));
+        self.skipping = true;
+        if let Some(t) = self.txn.as_mut() {
+            t.failed = true;
+        }
+    }
+
+    pub(super) async fn extended(&mut self, frame: BytesMut) -> Result<(), SessionError> {
+        let tag = frame[0];
+        if self.skipping && tag != b'S' {
+            return Ok(());
+        }
+        let frame = frame.freeze();
+        let body = frame.slice(5..);
+        match tag {
+            b'P' => self.on_parse(&body),
+            b'B' => self.on_bind(&body).await,
+            b'D' => self.on_describe(&body),
+            b'E' => self.on_execute(&body).await,
+            b'C' => self.on_close(&body),
+            b'H' => {
+                self.run_groups(false).await?;
+                self.client.flush().await?;
+                Ok(())
+            }
+            _ => {
+                // Sync
+                self.run_groups(true).await?;
+                self.skipping = false;
+                self.ready().await
+            }
+        }
+    }
+
+    fn on_parse(&mut self, body: &Bytes) -> Result<(), SessionError> {
+        let p = messages::parse_parse(body).map_err(malformed)?;
+        if !p.name.is_empty() && self.statements.contains_key(p.name) {
+            self.ext_error(PgError::error(
+                sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                format!("prepared statement \"{}\" already exists", p.name),
+            ));
+            return Ok(());
+        }
+        let plan = match self.shared.router.load().plan(p.sql) {
+            Ok(plan) => plan,
+            Err(e) => {
+                self.ext_error(route_error(&e));
+                return Ok(());
+            }
+        };
+        if plan.statements.len() > 1 {
+            self.ext_error(PgError::error(sqlstate::SYNTAX_ERROR, "cannot insert multiple commands into a prepared statement"));
+            return Ok(());
+        }
+        let mut h = DefaultHasher::new();
+        p.sql.hash(&mut h);
+        p.param_types.hash(&mut h);
+        let stmt = PreparedStatement { sql: p.sql.to_owned(), param_types: p.param_types, plan, hash: h.finish() };
+        self.statements.insert(p.name.to_owned(), Arc::new(stmt));
+        self.add_op(Target::Local, synthetic(b'1'));
+        Ok(())
+    }
+
+    async fn on_bind(&mut self, body: &Bytes) -> Result<(), SessionError> {
+        let b = messages::parse_bind(body).map_err(malformed)?;
+        let Some(stmt) = self.statements.get(b.statement).cloned() else {
+            self.ext_error(PgError::error(
+                sqlstate::INVALID_SQL_STATEMENT_NAME,
+                format!("prepared statement \"{}\" does not exist", b.statement),
+            ));
+            return Ok(());
+        };
+        let portal = b.portal.to_owned();
+        if stmt.is_local() {
+            self.portals.insert(portal, Portal { statement: stmt, target: Target::Local });
+            self.add_op(Target::Local, synthetic(b'2'));
+            return Ok(());
+        }
+        let router = self.shared.router.load_full();
+        let topology = router.topology();
+        let target = match stmt.plan.statements.first() {
+            None => Target::Shard(self.describe_shard()),
+            Some(sp) => {
+                let params: Vec<Param<'_>> = b
+                    .params
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| Param {
+                        value: *v,
+                        binary: b.param_formats.get(i).copied() == Some(1),
+                        type_oid: stmt.param_types.get(i).copied().unwrap_or(0),
+                    })
+                    .collect();
+                let routed = match sp.route(topology, &params) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.ext_error(route_error(&e));
+                        return Ok(());
+                    }
+                };
+                tracing::debug!(reason = %routed.reason, "routed");
+                let shards = match &routed.route {
+                    Route::Shard(s) => vec![*s],
+                    Route::Multi { shards, .. } => shards.clone(),
+                };
+                if let Err(e) = self.check_write(sp, &shards) {
+                    self.ext_error(e);
+                    return Ok(());
+                }
+                match routed.route {
+                    Route::Shard(s) => Target::Shard(s),
+                    Route::Multi { shards, merge } => {
+                        if sp.is_write() && self.txn.is_none() {
+                            self.ext_error(
+                                PgError::error(
+                                    sqlstate::FEATURE_NOT_SUPPORTED,
+                                    "a prepared write that spans shards outside a transaction block is not supported",
+                                )
+                                .with_hint("add a shard-key condition, or send it with the simple query protocol"),
+                            );
+                            return Ok(());
+                        }
+                        let combine = if merge == MergePlan::Replicated { Combine::Replicated } else { Combine::Sum };
+                        Target::Multi(shards, combine)
+                    }
+                }
+            }
+        };
+        let rest = body.slice(b.rest_offset..);
+        self.portals.insert(portal.clone(), Portal { statement: stmt.clone(), target: target.clone() });
+        self.add_op(target, Op::Bind { portal, statement: stmt, rest });
+        Ok(())
+    }
+
+    /// A shard to describe a statement on: the one this batch already talks to, one the
+    /// transaction holds, or the default shard.
+    fn describe_shard(&self) -> ShardId {
+        if let Some(Group { target: Target::Shard(s), .. }) = self.pending.groups.last() {
+            return *s;
+        }
+        if let Some(s) = self.held.keys().next() {
+            return *s;
+        }
+        self.shared.router.load().topology().default_shard
+    }
+
+    fn on_describe(&mut self, body: &Bytes) -> Result<(), SessionError> {
+        let t = messages::parse_target(body, "Describe").map_err(malformed)?;
+        if t.kind == b'S' {
+            let Some(stmt) = self.statements.get(t.name).cloned() else {
+                self.ext_error(PgError::error(
+                    sqlstate::INVALID_SQL_STATEMENT_NAME,
+                    format!("prepared statement \"{}\" does not exist", t.name),
+                ));
+                return Ok(());
+            };
+            if stmt.is_local() {
+                let mut b = BytesMut::new();
+                b.extend_from_slice(&messages::raw(b't', &[0, 0]));
+                b.extend_from_slice(&messages::raw(b'n', &[]));
+                self.add_op(Target::Local, Op::Synthetic(b.freeze()));
+                return Ok(());
+            }
+            let shard = self.describe_shard();
+            self.add_op(Target::Shard(shard), Op::DescribeStatement(stmt));
+            return Ok(());
+        }
+        let Some(portal) = self.portals.get(t.name) else {
+            self.ext_error(PgError::error(sqlstate::INVALID_CURSOR_NAME, format!("portal \"{}\" does not exist", t.name)));
+            return Ok(());
+        };
+        match portal.target.clone() {
+            Target::Local => self.add_op(Target::Local, synthetic(b'n')),
+            target => self.add_op(target, Op::DescribePortal(t.name.to_owned())),
+        }
+        Ok(())
+    }
+
+    async fn on_execute(&mut self, body: &Bytes) -> Result<(), SessionError> {
+        let (name, max_rows) = messages::parse_execute(body).map_err(malformed)?;
+        let Some(portal) = self.portals.get(name) else {
+            self.ext_error(PgError::error(sqlstate::INVALID_CURSOR_NAME, format!("portal \"{name}\" does not exist")));
+            return Ok(());
+        };
+        match portal.target.clone() {
+            Target::Local => {
+                let stmt = portal.statement.clone();
+                // Everything before it must have happened before the transaction state
+                // changes.
+                self.run_groups(false).await?;
+                if self.skipping {
+                    return Ok(());
+                }
+                let Some(sp) = stmt.plan.statements.first() else { return Ok(()) };
+                let ok = self.execute(sp, &stmt.sql).await?;
+                if !ok {
+                    self.skipping = true;
+                }
+            }
+            target => self.add_op(target, Op::Execute(name.to_owned(), max_rows)),
+        }
+        Ok(())
+    }
+
+    fn on_close(&mut self, body: &Bytes) -> Result<(), SessionError> {
+        let t = messages::parse_target(body, "Close").map_err(malformed)?;
+        if t.kind == b'S' {
+            // Server connections keep their copy: another use of the same text reuses it.
+            self.statements.remove(t.name);
+            self.add_op(Target::Local, synthetic(b'3'));
+            return Ok(());
+        }
+        match self.portals.remove(t.name).map(|p| p.target) {
+            Some(Target::Shard(s)) if self.held.contains_key(&s) => {
+                self.add_op(Target::Shard(s), Op::ClosePortal(t.name.to_owned()));
+            }
+            _ => self.add_op(Target::Local, synthetic(b'3')),
+        }
+        Ok(())
+    }
+
+    /// Send the pending groups in order and relay their answers. With `sync`, each shard
+    /// touched gets a Sync (ending its implicit transaction) and connections may be
+    /// released afterwards.
+    async fn run_groups(&mut self, sync: bool) -> Result<(), SessionError> {
+        let groups = std::mem::take(&mut self.pending.groups);
+        let mut failed = false;
+        for g in groups {
+            if failed {
+                continue;
+            }
+            let ok = match g.target.clone() {
+                Target::Local => {
+                    for op in g.ops {
+                        if let Op::Synthetic(b) = op {
+                            self.client.wbuf.extend_from_slice(&b);
+                        }
+                    }
+                    true
+                }
+                Target::Shard(s) => self.run_single(s, g.ops, sync).await?,
+                Target::Multi(shards, combine) => self.run_fanout(&shards, g.ops, sync, combine).await?,
+            };
+            if !ok {
+                failed = true;
+                if !sync {
+                    self.skipping = true;
+                }
+            }
+        }
+        if sync {
+            // Shards sent messages at an earlier Flush but not in this run still owe a Sync.
+            let unsynced: Vec<ShardId> = std::mem::take(&mut self.pending.unsynced).into_iter().collect();
+            for s in unsynced {
+                if let Some(c) = self.held.get_mut(&s) {
+                    messages::empty_message(&mut c.wbuf, b'S');
+                    let mut steps = VecDeque::from([Step::Server { kind: StepKind::Sync, forward: false }]);
+                    let r = match c.flush().await {
+                        Ok(()) => relay_single(c, &mut self.client, &mut steps).await,
+                        Err(e) => Err(RelayError::Backend(e)),
+                    };
+                    self.finish_relay(&[s], r)?;
+                }
+            }
+            self.batch_open = false;
+            self.sync_txn_status();
+            if self.txn.is_none() {
+                self.portals.clear();
+            }
+        } else if !self.held.is_empty() {
+            self.batch_open = true;
+        }
+        Ok(())
+    }
+
+    async fn run_single(&mut self, shard: ShardId, ops: Vec<Op>, sync: bool) -> Result<bool, SessionError> {
+        if let Err(e) = self.conn_for(shard).await {
+            self.fail(e);
+            return Ok(false);
+        }
+        let Some(conn) = self.held.get_mut(&shard) else { return Ok(false) };
+        let mut steps = VecDeque::with_capacity(ops.len() + 2);
+        // Statements created by this group: (server step index, hash).
+        let mut created: Vec<(usize, u64)> = Vec::new();
+        let mut server_steps = 0usize;
+        let mut ensure = |conn: &mut crate::backend::ServerConn, steps: &mut VecDeque<Step>, st: &PreparedStatement, server_steps: &mut usize| {
+            if conn.prepared.insert(st.hash) {
+                messages::parse(&mut conn.wbuf, &st.server_name(), &st.sql, &st.param_types);
+                steps.push_back(Step::Server { kind: StepKind::Parse, forward: false });
+                created.push((*server_steps, st.hash));
+                *server_steps += 1;
+            }
+        };
+        for op in ops {
+            match op {
+                Op::Bind { portal, statement, rest } => {
+                    ensure(conn, &mut steps, &statement, &mut server_steps);
+                    messages::rebind(&mut conn.wbuf, &portal, &statement.server_name(), &rest);
+                    steps.push_back(Step::Server { kind: StepKind::Bind, forward: true });
+                    server_steps += 1;
+                }
+                Op::DescribeStatement(statement) => {
+                    ensure(conn, &mut steps, &statement, &mut server_steps);
+                    messages::target(&mut conn.wbuf, b'D', b'S', &statement.server_name());
+                    steps.push_back(Step::Server { kind: StepKind::DescribeStatement, forward: true });
+                    server_steps += 1;
+                }
+                Op::DescribePortal(p) => {
+                    messages::target(&mut conn.wbuf, b'D', b'P', &p);
+                    steps.push_back(Step::Server { kind: StepKind::DescribePortal, forward: true });
+                    server_steps += 1;
+                }
+                Op::Execute(p, n) => {
+                    messages::execute(&mut conn.wbuf, &p, n);
+                    steps.push_back(Step::Server { kind: StepKind::Execute, forward: true });
+                    server_steps += 1;
+                }
+                Op::ClosePortal(p) => {
+                    messages::target(&mut conn.wbuf, b'C', b'P', &p);
+                    steps.push_back(Step::Server { kind: StepKind::Close, forward: true });
+                    server_steps += 1;
+                }
+                Op::Synthetic(b) => steps.push_back(Step::Synthetic(b)),
+            }
+        }
+        if sync {
+            messages::empty_message(&mut conn.wbuf, b'S');
+            steps.push_back(Step::Server { kind: StepKind::Sync, forward: false });
+            self.pending.unsynced.remove(&shard);
+        } else {
+            self.pending.unsynced.insert(shard);
+        }
+        let result = match conn.flush().await {
+            Ok(()) => relay_single(conn, &mut self.client, &mut steps).await,
+            Err(e) => Err(RelayError::Backend(e)),
+        };
+        if let Ok(out) = &result {
+            if let Some(failed_at) = out.failed_step {
+                // A Parse that failed, or was skipped after an earlier error, created
+                // nothing on the server.
+                for (idx, hash) in &created {
+                    if *idx >= failed_at {
+                        conn.prepared.remove(hash);
+                    }
+                }
+            }
+        }
+        self.finish_relay(&[shard], result)
+    }
+
+    async fn run_fanout(&mut self, shards: &[ShardId], ops: Vec<Op>, sync: bool, combine: Combine) -> Result<bool, SessionError> {
+        for &s in shards {
+            if let Err(e) = self.conn_for(s).await {
+                self.fail(e);
+                return Ok(false);
+            }
+        }
+        // The same messages go to every shard; statements are sent unnamed each time so
+        // every shard's answers line up step for step.
+        let mut wire = BytesMut::new();
+        let mut steps = VecDeque::with_capacity(ops.len() + 2);
+        for op in ops {
+            match op {
+                Op::Bind { portal, statement, rest } => {
+                    messages::parse(&mut wire, "", &statement.sql, &statement.param_types);
+                    steps.push_back(Step::Server { kind: StepKind::Parse, forward: false });
+                    messages::rebind(&mut wire, &portal, "", &rest);
+                    steps.push_back(Step::Server { kind: StepKind::Bind, forward: true });
+                }
+                Op::DescribeStatement(statement) => {
+                    messages::parse(&mut wire, "", &statement.sql, &statement.param_types);
+                    steps.push_back(Step::Server { kind: StepKind::Parse, forward: false });
+                    messages::target(&mut wire, b'D', b'S', "");
+                    steps.push_back(Step::Server { kind: StepKind::DescribeStatement, forward: true });
+                }
+                Op::DescribePortal(p) => {
+                    messages::target(&mut wire, b'D', b'P', &p);
+                    steps.push_back(Step::Server { kind: StepKind::DescribePortal, forward: true });
+                }
+                Op::Execute(p, n) => {
+                    messages::execute(&mut wire, &p, n);
+                    steps.push_back(Step::Server { kind: StepKind::Execute, forward: true });
+                }
+                Op::ClosePortal(p) => {
+                    messages::target(&mut wire, b'C', b'P', &p);
+                    steps.push_back(Step::Server { kind: StepKind::Close, forward: true });
+                }
+                Op::Synthetic(b) => steps.push_back(Step::Synthetic(b)),
+            }
+        }
+        if sync {
+            messages::empty_message(&mut wire, b'S');
+            steps.push_back(Step::Server { kind: StepKind::Sync, forward: false });
+        }
+        let mut conns = Vec::with_capacity(shards.len());
+        for (id, c) in self.held.iter_mut() {
+            if shards.contains(id) {
+                c.wbuf.extend_from_slice(&wire);
+                conns.push(&mut **c);
+            }
+        }
+        let mut sent = Ok(());
+        for c in conns.iter_mut() {
+            if let Err(e) = c.flush().await {
+                sent = Err(e);
+                break;
+            }
+        }
+        let result = match sent {
+            Ok(()) => relay_multi(&mut conns, &mut self.client, &mut steps, combine).await,
+            Err(e) => Err(RelayError::Backend(e)),
+        };
+        for s in shards {
+            if sync {
+                self.pending.unsynced.remove(s);
+            } else {
+                self.pending.unsynced.insert(*s);
+            }
+        }
+        self.finish_relay(shards, result)
+    }
+}

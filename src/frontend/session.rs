@@ -1,0 +1,688 @@
+//! One client session: the message loop, transactions, session settings, and running
+//! simple-protocol statements on the shard(s) the router picks.
+//!
+//! Transaction pooling: shard connections are held only while a transaction (explicit,
+//! or the implicit one of a multi-statement query or an unfinished extended-protocol
+//! batch) needs them; otherwise each statement checks out and returns its connection.
+//! The transaction status the client sees is computed from what the shards said.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::cancel::{Active, ServerKey};
+use super::client::{ClientConn, ClientError};
+use super::extended::{Portal, PreparedStatement};
+use super::settings::Settings;
+use super::startup::{self, Handshake};
+use super::Shared;
+use crate::backend::{BackendError, Checkout};
+use crate::merge::{relay_multi, relay_single, Combine, RelayError, Step, StepKind};
+use crate::protocol::codec::FrameError;
+use crate::protocol::messages;
+use crate::protocol::{sqlstate, PgError};
+use crate::router::{MergePlan, Route, RouteError, StatementKind, StatementPlan};
+use crate::topology::ShardId;
+
+/// Run a client connection from handshake to goodbye.
+pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr) {
+    let greeted = match startup::handshake(&mut client, &shared).await {
+        Ok(Handshake::Session(g)) => g,
+        Ok(Handshake::Done) => return,
+        Err(e) => {
+            tracing::debug!(peer = %peer, error = %e, "handshake ended");
+            return;
+        }
+    };
+    shared.learn_server_params().await;
+    let (pid, secret, active) = shared.cancels.register();
+    startup::greeting(&shared, &greeted, pid, secret, &mut client.wbuf);
+    if client.flush().await.is_err() {
+        shared.cancels.unregister(pid);
+        return;
+    }
+    tracing::info!(user = %greeted.user, peer = %peer, pid, "session start");
+    let mut session = Session {
+        shared: shared.clone(),
+        client,
+        settings: Settings::from_startup(&greeted.params),
+        statements: HashMap::new(),
+        portals: HashMap::new(),
+        txn: None,
+        held: BTreeMap::new(),
+        batch_open: false,
+        skipping: false,
+        active,
+        pending: Default::default(),
+    };
+    let end = session.run().await;
+    drop(session);
+    shared.cancels.unregister(pid);
+    match end {
+        Ok(()) => tracing::info!(user = %greeted.user, peer = %peer, pid, "session end"),
+        Err(e) => tracing::info!(user = %greeted.user, peer = %peer, pid, reason = %e, "session end"),
+    }
+}
+
+/// Why a session ends.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// A protocol violation or the like: sent to the client as FATAL, then disconnect.
+    #[error("{0}")]
+    Fatal(PgError),
+}
+
+/// An error for the client: one of ours, or a shard's ErrorResponse as it was sent.
+#[derive(Debug, Clone)]
+pub enum StmtError {
+    Pg(PgError),
+    Raw(Bytes),
+}
+
+impl StmtError {
+    pub fn encode(&self, out: &mut BytesMut) {
+        match self {
+            StmtError::Pg(e) => e.encode(out),
+            StmtError::Raw(b) => out.extend_from_slice(b),
+        }
+    }
+}
+
+impl From<PgError> for StmtError {
+    fn from(e: PgError) -> Self {
+        StmtError::Pg(e)
+    }
+}
+
+impl From<BackendError> for StmtError {
+    fn from(e: BackendError) -> Self {
+        StmtError::Pg(e.to_pg())
+    }
+}
+
+pub fn route_error(e: &RouteError) -> PgError {
+    let mut pg = PgError::error(e.sqlstate(), e.message().to_owned()).with_position(e.position());
+    if let Some(h) = e.hint() {
+        pg = pg.with_hint(h.to_owned());
+    }
+    pg
+}
+
+/// An open transaction block.
+pub struct Txn {
+    /// The client's BEGIN (with its options), replayed on each shard the block reaches.
+    pub begin_sql: String,
+    /// SAVEPOINT / SET LOCAL statements so far, replayed on shards that join later.
+    pub replay: Vec<String>,
+    /// Set when a statement failed: everything but ROLLBACK is refused until the end.
+    pub failed: bool,
+    /// The shard this transaction wrote to (writes to a second shard are refused until
+    /// two-phase commit exists).
+    pub writer: Option<ShardId>,
+    /// Session settings changed inside the block, kept only if it commits.
+    pub pending: Option<Settings>,
+    /// Opened by the router around a multi-statement query, not by the client.
+    pub implicit: bool,
+}
+
+impl Txn {
+    fn new(begin_sql: String, implicit: bool) -> Txn {
+        Txn { begin_sql, replay: Vec::new(), failed: false, writer: None, pending: None, implicit }
+    }
+}
+
+pub struct Session {
+    pub shared: Arc<Shared>,
+    pub client: ClientConn,
+    /// What every checked-out connection must be set to for this client.
+    pub settings: Settings,
+    /// Protocol-level prepared statements by client name ("" is the unnamed one).
+    pub statements: HashMap<String, Arc<PreparedStatement>>,
+    /// Bound portals by client name.
+    pub portals: HashMap<String, Portal>,
+    pub txn: Option<Txn>,
+    /// Shard connections this client holds right now.
+    pub held: BTreeMap<ShardId, Checkout>,
+    /// An extended-protocol batch has been sent without its Sync yet: keep connections.
+    pub batch_open: bool,
+    /// After an error in the extended protocol: ignore messages until Sync.
+    pub skipping: bool,
+    /// Server connections running this client's statements, for cancel requests.
+    pub active: Active,
+    /// Extended-protocol messages waiting for Flush or Sync.
+    pub pending: super::extended::Pending,
+}
+
+impl Session {
+    async fn run(&mut self) -> Result<(), SessionError> {
+        loop {
+            let frame = match self.client.read_raw().await {
+                Ok(f) => f,
+                Err(ClientError::Closed) => return Ok(()),
+                Err(ClientError::Frame(e)) => {
+                    let code = match e {
+                        FrameError::TooLarge { .. } => sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                        FrameError::BadLength(_) => sqlstate::PROTOCOL_VIOLATION,
+                    };
+                    return self.fatal(PgError::fatal(code, e.to_string())).await;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let result = match frame[0] {
+                b'Q' => self.simple_query(frame).await,
+                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' => self.extended(frame).await,
+                b'X' => return Ok(()),
+                // CopyData/CopyDone/CopyFail outside COPY are ignored, as PostgreSQL does.
+                b'd' | b'c' | b'f' => Ok(()),
+                b'F' => {
+                    let e = PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, "the fastpath function call protocol is not supported")
+                        .with_hint("call the function with SELECT");
+                    e.encode(&mut self.client.wbuf);
+                    self.ready().await
+                }
+                other => {
+                    let e = PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid frontend message type {other}"));
+                    return self.fatal(e).await;
+                }
+            };
+            match result {
+                Ok(()) => {}
+                Err(SessionError::Fatal(e)) => return self.fatal(e).await,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn fatal(&mut self, e: PgError) -> Result<(), SessionError> {
+        tracing::warn!(error = %e, peer = %self.client.peer(), "closing client connection");
+        e.encode(&mut self.client.wbuf);
+        self.client.flush().await?;
+        Err(SessionError::Fatal(e))
+    }
+
+    /// The transaction status the client sees.
+    pub fn status(&self) -> u8 {
+        match &self.txn {
+            Some(t) if t.failed => b'E',
+            Some(t) if !t.implicit => b'T',
+            _ => b'I',
+        }
+    }
+
+    /// Finish a request: release connections if nothing needs them, ReadyForQuery, flush.
+    pub async fn ready(&mut self) -> Result<(), SessionError> {
+        self.release();
+        let status = self.status();
+        if self.txn.is_none() && !self.batch_open {
+            self.portals.clear();
+        }
+        messages::ready_for_query(&mut self.client.wbuf, status);
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    /// Give back connections no transaction or open batch needs.
+    pub fn release(&mut self) {
+        if self.txn.is_none() && !self.batch_open && !self.held.is_empty() {
+            self.held.clear();
+            if let Ok(mut a) = self.active.lock() {
+                a.clear();
+            }
+        }
+    }
+
+    /// Report an error for the current statement; inside a transaction block it fails.
+    pub fn fail(&mut self, e: impl Into<StmtError>) {
+        e.into().encode(&mut self.client.wbuf);
+        if let Some(t) = self.txn.as_mut() {
+            t.failed = true;
+        }
+    }
+
+    /// Make sure this client holds a ready connection to `shard`: checked out, session
+    /// settings applied, inside the client's transaction block if one is open.
+    pub async fn conn_for(&mut self, shard: ShardId) -> Result<(), StmtError> {
+        if self.held.contains_key(&shard) {
+            return Ok(());
+        }
+        let mut c = self.shared.pools.checkout(shard).await?;
+        let wanted = self.settings.fingerprint();
+        if c.settings != wanted {
+            // Unknown until the SETs succeed.
+            c.settings = u64::MAX;
+            if let Some(err) = c.run_quiet(&self.settings.apply_sql()).await? {
+                return Err(StmtError::Raw(messages::raw(err.tag, &err.body)));
+            }
+            c.settings = wanted;
+        }
+        if let Some(txn) = &self.txn {
+            let mut sqls = vec![txn.begin_sql.as_str()];
+            sqls.extend(txn.replay.iter().map(String::as_str));
+            for sql in sqls {
+                if let Some(err) = c.run_quiet(sql).await? {
+                    return Err(StmtError::Raw(messages::raw(err.tag, &err.body)));
+                }
+            }
+        }
+        if let Ok(mut a) = self.active.lock() {
+            a.push(ServerKey { addr: c.addr, pid: c.pid, secret: c.secret });
+        }
+        self.held.insert(shard, c);
+        Ok(())
+    }
+
+    /// Forget a connection that failed mid-statement (it goes back to the pool, which
+    /// drops it as broken). A transaction that used it cannot continue.
+    pub fn drop_conn(&mut self, shard: ShardId) {
+        self.held.remove(&shard);
+        if let Some(t) = self.txn.as_mut() {
+            t.failed = true;
+        }
+    }
+
+    /// Refuse a write that would make a transaction span shards.
+    pub fn check_write(&mut self, stmt: &StatementPlan, shards: &[ShardId]) -> Result<(), PgError> {
+        if !stmt.is_write() {
+            return Ok(());
+        }
+        let Some(txn) = self.txn.as_mut() else {
+            return Ok(());
+        };
+        let refuse = || {
+            PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, "a transaction that writes to more than one shard is not supported")
+                .with_hint("keep each transaction's writes on one shard key, or run them as separate transactions (two-phase commit is not built yet)")
+        };
+        if shards.len() > 1 {
+            return Err(refuse());
+        }
+        match txn.writer {
+            Some(w) if w != shards[0] => Err(refuse()),
+            _ => {
+                txn.writer = Some(shards[0]);
+                Ok(())
+            }
+        }
+    }
+
+    /// After statements inside a block: the block failed if any shard says so.
+    pub fn sync_txn_status(&mut self) {
+        if let Some(t) = self.txn.as_mut() {
+            if self.held.values().any(|c| c.status == b'E') {
+                t.failed = true;
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Simple query protocol
+
+    async fn simple_query(&mut self, frame: BytesMut) -> Result<(), SessionError> {
+        let sql = match messages::parse_query(&frame[5..]) {
+            Ok(s) => s.to_owned(),
+            Err(e) => return Err(SessionError::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))),
+        };
+        self.skipping = false;
+        let router = self.shared.router.load_full();
+        let plan = match router.plan(&sql) {
+            Ok(p) => p,
+            Err(e) => {
+                self.fail(route_error(&e));
+                return self.ready().await;
+            }
+        };
+        if plan.statements.is_empty() {
+            messages::empty_message(&mut self.client.wbuf, b'I');
+            return self.ready().await;
+        }
+        // Several statements in one string run in one implicit transaction, unless they
+        // manage transactions themselves.
+        let implicit = plan.statements.len() > 1
+            && self.txn.is_none()
+            && !plan.statements.iter().any(|s| {
+                matches!(s.kind, StatementKind::Begin | StatementKind::Commit | StatementKind::Rollback | StatementKind::Savepoint)
+            });
+        if implicit {
+            self.txn = Some(Txn::new("BEGIN".into(), true));
+        }
+        let single = plan.statements.len() == 1;
+        for stmt in &plan.statements {
+            let text = if single { sql.as_str() } else { stmt.text.as_str() };
+            if !self.execute(stmt, text).await? {
+                break;
+            }
+        }
+        if implicit {
+            let ok = self.txn.as_ref().is_some_and(|t| !t.failed);
+            self.end_txn(ok, false).await?;
+        }
+        self.ready().await
+    }
+
+    /// Run one statement of the simple protocol; `Ok(false)` if it failed.
+    pub async fn execute(&mut self, stmt: &StatementPlan, text: &str) -> Result<bool, SessionError> {
+        if self.txn.as_ref().is_some_and(|t| t.failed) && !ends_failed_block(stmt) {
+            let e = PgError::error(
+                sqlstate::IN_FAILED_SQL_TRANSACTION,
+                "current transaction is aborted, commands ignored until end of transaction block",
+            );
+            e.encode(&mut self.client.wbuf);
+            return Ok(false);
+        }
+        match &stmt.kind {
+            StatementKind::Begin => {
+                if self.txn.as_ref().is_some_and(|t| !t.implicit) {
+                    PgError::warning(sqlstate::ACTIVE_SQL_TRANSACTION, "there is already a transaction in progress").encode(&mut self.client.wbuf);
+                } else {
+                    self.txn = Some(Txn::new(text.to_owned(), false));
+                }
+                messages::command_complete(&mut self.client.wbuf, "BEGIN");
+                Ok(true)
+            }
+            StatementKind::Commit | StatementKind::Rollback => {
+                let commit = stmt.kind == StatementKind::Commit;
+                let word = if commit { "COMMIT" } else { "ROLLBACK" };
+                if self.txn.as_ref().is_none_or(|t| t.implicit) {
+                    PgError::warning(sqlstate::NO_ACTIVE_SQL_TRANSACTION, "there is no transaction in progress").encode(&mut self.client.wbuf);
+                    messages::command_complete(&mut self.client.wbuf, word);
+                    return Ok(true);
+                }
+                let failed = self.txn.as_ref().is_some_and(|t| t.failed);
+                let ok = self.end_txn(commit && !failed, true).await?;
+                if ok {
+                    // COMMIT of a failed block reports ROLLBACK, as PostgreSQL does.
+                    messages::command_complete(&mut self.client.wbuf, if commit && !failed { "COMMIT" } else { "ROLLBACK" });
+                }
+                Ok(ok)
+            }
+            StatementKind::Savepoint => self.savepoint(stmt, text).await,
+            StatementKind::Set { name, local } => self.set(stmt, text, Some(name.clone()), *local).await,
+            StatementKind::Reset { name } => self.set(stmt, text, name.clone(), false).await,
+            StatementKind::Discard if is_discard_all(text) => {
+                if self.txn.as_ref().is_some_and(|t| !t.implicit) {
+                    self.fail(PgError::error(sqlstate::ACTIVE_SQL_TRANSACTION, "DISCARD ALL cannot run inside a transaction block"));
+                    return Ok(false);
+                }
+                self.settings.reset(None);
+                self.statements.clear();
+                self.portals.clear();
+                messages::command_complete(&mut self.client.wbuf, "DISCARD ALL");
+                Ok(true)
+            }
+            _ => self.run_routed(stmt, text).await,
+        }
+    }
+
+    /// End the open transaction block on every shard it reached. Returns whether it
+    /// ended without error (errors are already sent).
+    async fn end_txn(&mut self, commit: bool, explicit: bool) -> Result<bool, SessionError> {
+        let Some(txn) = self.txn.take() else {
+            return Ok(true);
+        };
+        let word = if commit { "COMMIT" } else { "ROLLBACK" };
+        // Read-only shards first, the one that wrote last: if a commit must fail, it
+        // fails before the writes are committed.
+        let mut order: Vec<ShardId> = self.held.keys().copied().filter(|s| Some(*s) != txn.writer).collect();
+        order.extend(txn.writer.filter(|w| self.held.contains_key(w)));
+        let mut ok = true;
+        for shard in order {
+            let Some(conn) = self.held.get_mut(&shard) else { continue };
+            match conn.run_quiet(word).await {
+                Ok(None) => {}
+                Ok(Some(err)) => {
+                    if ok {
+                        self.client.wbuf.extend_from_slice(&messages::raw(err.tag, &err.body));
+                    }
+                    ok = false;
+                }
+                Err(e) => {
+                    if ok {
+                        e.to_pg().encode(&mut self.client.wbuf);
+                    }
+                    ok = false;
+                    self.held.remove(&shard);
+                }
+            }
+        }
+        if commit && ok {
+            if let Some(s) = txn.pending {
+                self.settings = s;
+            }
+        }
+        // Connections whose settings changed inside a rolled-back block are back to the
+        // session's settings only after a rollback, which PostgreSQL guarantees; after a
+        // commit they carry the new ones.
+        let fp = self.settings.fingerprint();
+        for c in self.held.values_mut() {
+            if c.settings != u64::MAX {
+                c.settings = fp;
+            }
+        }
+        let _ = explicit;
+        self.release();
+        Ok(ok)
+    }
+
+    async fn savepoint(&mut self, stmt: &StatementPlan, text: &str) -> Result<bool, SessionError> {
+        if self.txn.as_ref().is_none_or(|t| t.implicit) || self.held.is_empty() {
+            if let Some(t) = self.txn.as_mut().filter(|t| !t.implicit) {
+                // No shard reached yet: remember it for the shards that join.
+                t.replay.push(text.to_owned());
+                messages::command_complete(&mut self.client.wbuf, savepoint_tag(text));
+                return Ok(true);
+            }
+            // Outside a block the shard answers with PostgreSQL's own error.
+            return self.run_routed(stmt, text).await;
+        }
+        let shards: Vec<ShardId> = self.held.keys().copied().collect();
+        let ok = self.run_on(&shards, text, Combine::Replicated).await?;
+        if let Some(t) = self.txn.as_mut() {
+            t.replay.push(text.to_owned());
+            if ok && text.trim_start().to_ascii_lowercase().starts_with("rollback") {
+                t.failed = false;
+            }
+        }
+        self.sync_txn_status();
+        Ok(ok)
+    }
+
+    /// SET / RESET: run on a shard (which checks the value and reports ParameterStatus),
+    /// then remember it for every connection this client uses.
+    async fn set(&mut self, stmt: &StatementPlan, text: &str, name: Option<String>, local: bool) -> Result<bool, SessionError> {
+        let is_reset = matches!(stmt.kind, StatementKind::Reset { .. });
+        let shards: Vec<ShardId> = if self.txn.is_some() && !self.held.is_empty() {
+            self.held.keys().copied().collect()
+        } else {
+            vec![self.shared.router.load().topology().default_shard]
+        };
+        let ok = self.run_on(&shards, text, Combine::Replicated).await?;
+        if !ok {
+            return Ok(false);
+        }
+        if local {
+            if let Some(t) = self.txn.as_mut() {
+                t.replay.push(text.to_owned());
+            }
+            return Ok(true);
+        }
+        let in_block = self.txn.as_ref().is_some_and(|t| !t.implicit);
+        let target = match self.txn.as_mut() {
+            Some(t) => {
+                t.replay.push(text.to_owned());
+                t.pending.get_or_insert_with(|| self.settings.clone())
+            }
+            None => &mut self.settings,
+        };
+        if is_reset {
+            target.reset(name.as_deref());
+        } else if let Some(n) = name {
+            target.set(&n, text.to_owned());
+        }
+        if !in_block && self.txn.is_none() {
+            // The connection that ran it now carries exactly the session's settings.
+            let fp = self.settings.fingerprint();
+            for s in &shards {
+                if let Some(c) = self.held.get_mut(s) {
+                    c.settings = fp;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Route a statement and run it.
+    async fn run_routed(&mut self, stmt: &StatementPlan, text: &str) -> Result<bool, SessionError> {
+        let router = self.shared.router.load_full();
+        let routed = match stmt.route(router.topology(), &[]) {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(route_error(&e));
+                return Ok(false);
+            }
+        };
+        tracing::debug!(reason = %routed.reason, "routed");
+        match routed.route {
+            Route::Shard(s) => {
+                if let Err(e) = self.check_write(stmt, &[s]) {
+                    self.fail(e);
+                    return Ok(false);
+                }
+                self.run_on(&[s], text, Combine::Sum).await
+            }
+            Route::Multi { shards, merge } => {
+                if let Err(e) = self.check_write(stmt, &shards) {
+                    self.fail(e);
+                    return Ok(false);
+                }
+                let combine = match merge {
+                    MergePlan::Replicated => Combine::Replicated,
+                    _ => Combine::Sum,
+                };
+                if stmt.is_write() && self.txn.is_none() {
+                    // A write on several shards outside a block: run it in a block on
+                    // each and commit only if every shard succeeded.
+                    self.txn = Some(Txn::new("BEGIN".into(), true));
+                    let ok = self.run_on(&shards, text, combine).await?;
+                    let committed = self.end_txn(ok, false).await?;
+                    return Ok(ok && committed);
+                }
+                self.run_on(&shards, text, combine).await
+            }
+        }
+    }
+
+    /// Send `sql` as a simple query to `shards` and relay the combined answer.
+    pub async fn run_on(&mut self, shards: &[ShardId], sql: &str, combine: Combine) -> Result<bool, SessionError> {
+        for &s in shards {
+            if let Err(e) = self.conn_for(s).await {
+                self.fail(e);
+                return Ok(false);
+            }
+        }
+        let mut steps = VecDeque::from([Step::Server { kind: StepKind::Query, forward: true }]);
+        let result = if let [s] = shards {
+            let Some(conn) = self.held.get_mut(s) else { return Ok(false) };
+            messages::query(&mut conn.wbuf, sql);
+            match conn.flush().await {
+                Ok(()) => relay_single(conn, &mut self.client, &mut steps).await,
+                Err(e) => Err(RelayError::Backend(e)),
+            }
+        } else {
+            let mut conns = Vec::with_capacity(shards.len());
+            for (id, c) in self.held.iter_mut() {
+                if shards.contains(id) {
+                    messages::query(&mut c.wbuf, sql);
+                    conns.push(&mut **c);
+                }
+            }
+            let mut sent = Ok(());
+            for c in conns.iter_mut() {
+                if let Err(e) = c.flush().await {
+                    sent = Err(e);
+                    break;
+                }
+            }
+            match sent {
+                Ok(()) => relay_multi(&mut conns, &mut self.client, &mut steps, combine).await,
+                Err(e) => Err(RelayError::Backend(e)),
+            }
+        };
+        self.finish_relay(shards, result)
+    }
+
+    /// Turn a relay's result into "did the statement succeed", handling broken shards.
+    pub fn finish_relay(&mut self, shards: &[ShardId], result: Result<crate::merge::Outcome, RelayError>) -> Result<bool, SessionError> {
+        match result {
+            Ok(out) => {
+                if out.error {
+                    if let Some(t) = self.txn.as_mut() {
+                        t.failed = true;
+                    }
+                }
+                self.sync_txn_status();
+                Ok(!out.error)
+            }
+            Err(RelayError::Client(e)) => Err(SessionError::Client(e)),
+            Err(RelayError::Backend(e)) => {
+                tracing::warn!(error = %e, "shard connection failed mid-statement");
+                let broken: Vec<ShardId> = shards.iter().copied().filter(|s| self.held.get(s).is_some_and(|c| c.broken)).collect();
+                for s in broken {
+                    self.drop_conn(s);
+                }
+                // Other shards of a fan-out may still be mid-answer: they cannot be reused.
+                for s in shards {
+                    if let Some(c) = self.held.get_mut(s) {
+                        c.broken = true;
+                    }
+                }
+                for s in shards {
+                    self.drop_conn(*s);
+                }
+                self.fail(e.to_pg());
+                if self.txn.as_ref().is_some_and(|t| t.implicit) {
+                    // Nothing left to finish the implicit block on.
+                }
+                Ok(false)
+            }
+            Err(RelayError::Refused(e)) => {
+                for s in shards {
+                    if let Some(c) = self.held.get_mut(s) {
+                        c.broken = true;
+                    }
+                    self.drop_conn(*s);
+                }
+                self.fail(e);
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// Statements allowed in a failed transaction block.
+fn ends_failed_block(stmt: &StatementPlan) -> bool {
+    match stmt.kind {
+        StatementKind::Commit | StatementKind::Rollback => true,
+        StatementKind::Savepoint => stmt.text.trim_start().to_ascii_lowercase().starts_with("rollback"),
+        _ => false,
+    }
+}
+
+fn is_discard_all(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    let mut words = t.split_whitespace();
+    words.next() == Some("discard") && words.next().map(|w| w.trim_end_matches(';')) == Some("all")
+}
+
+fn savepoint_tag(text: &str) -> &'static str {
+    let t = text.trim_start().to_ascii_lowercase();
+    if t.starts_with("release") {
+        "RELEASE"
+    } else if t.starts_with("rollback") {
+        "ROLLBACK"
+    } else {
+        "SAVEPOINT"
+    }
+}

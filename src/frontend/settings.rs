@@ -1,0 +1,171 @@
+//! A client's session settings (startup parameters and SET), replayed on every pooled
+//! connection it checks out and never left behind for another client.
+//!
+//! Each setting is kept as the SQL that establishes it, in the order set. A fingerprint
+//! of the whole list tells whether a pooled connection already carries exactly these
+//! settings, so the common case (same settings as last time) costs nothing.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+
+/// Startup parameters that are connection plumbing, not settings to replay.
+const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// (lower-case name, SQL that sets it).
+    entries: Vec<(String, String)>,
+    fingerprint: u64,
+}
+
+impl Settings {
+    /// Settings from a startup packet: every parameter except plumbing, plus `-c name=value`
+    /// pairs from `options`.
+    pub fn from_startup(params: &[(String, String)]) -> Settings {
+        let mut s = Settings::default();
+        for (k, v) in params {
+            if k == "options" {
+                for (name, value) in parse_options(v) {
+                    s.set(&name, set_sql(&name, &value));
+                }
+            } else if !NOT_SETTINGS.contains(&k.as_str()) {
+                s.set(k, set_sql(k, v));
+            }
+        }
+        s
+    }
+
+    /// Record `sql` as the way to establish setting `name`, replacing an earlier one.
+    pub fn set(&mut self, name: &str, sql: String) {
+        let name = name.to_ascii_lowercase();
+        self.entries.retain(|(n, _)| *n != name);
+        self.entries.push((name, sql));
+        self.refresh();
+    }
+
+    /// `RESET name` (`None`: RESET ALL).
+    pub fn reset(&mut self, name: Option<&str>) {
+        match name {
+            Some(n) => {
+                let n = n.to_ascii_lowercase();
+                self.entries.retain(|(k, _)| *k != n);
+            }
+            None => self.entries.clear(),
+        }
+        self.refresh();
+    }
+
+    fn refresh(&mut self) {
+        if self.entries.is_empty() {
+            self.fingerprint = 0;
+            return;
+        }
+        let mut h = DefaultHasher::new();
+        self.entries.hash(&mut h);
+        // 0 means "no settings"; keep it for that.
+        self.fingerprint = h.finish().max(1);
+    }
+
+    /// 0 when there are no settings.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// The value a startup parameter was given, for ParameterStatus.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// SQL that brings a connection with any settings to exactly these.
+    pub fn apply_sql(&self) -> String {
+        let mut sql = String::from("RESET ALL");
+        for (_, s) in &self.entries {
+            sql.push_str("; ");
+            sql.push_str(s);
+        }
+        sql
+    }
+}
+
+/// `SET "name" TO 'value'` with both parts quoted.
+pub fn set_sql(name: &str, value: &str) -> String {
+    format!("SET \"{}\" TO '{}'", name.replace('"', "\"\""), value.replace('\'', "''"))
+}
+
+/// `-c name=value` / `--name=value` pairs of the `options` startup parameter
+/// (backslash escapes a space).
+fn parse_options(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            c if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let pair = if w == "-c" {
+            it.next()
+        } else if let Some(rest) = w.strip_prefix("--") {
+            Some(rest.to_owned())
+        } else {
+            w.strip_prefix("-c").map(str::to_owned)
+        };
+        if let Some((k, v)) = pair.as_deref().and_then(|p| p.split_once('=')) {
+            out.push((k.replace('-', "_"), v.to_owned()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_parameters_become_settings() {
+        let s = Settings::from_startup(&[
+            ("user".into(), "app".into()),
+            ("database".into(), "app".into()),
+            ("application_name".into(), "psql".into()),
+            ("options".into(), "-c search_path=a,b --statement-timeout=5s -c x=it\\'s\\ ok".into()),
+        ]);
+        assert_eq!(
+            s.apply_sql(),
+            "RESET ALL; SET \"application_name\" TO 'psql'; SET \"search_path\" TO 'a,b'; \
+             SET \"statement_timeout\" TO '5s'; SET \"x\" TO 'it''s ok'"
+        );
+    }
+
+    #[test]
+    fn fingerprints_track_changes() {
+        let mut s = Settings::default();
+        assert_eq!(s.fingerprint(), 0);
+        s.set("TimeZone", "SET TimeZone TO 'UTC'".into());
+        let f1 = s.fingerprint();
+        assert_ne!(f1, 0);
+        s.set("timezone", "SET TimeZone TO 'UTC'".into());
+        assert_eq!(s.fingerprint(), f1, "same setting again changes nothing");
+        s.set("datestyle", "SET DateStyle TO ISO".into());
+        assert_ne!(s.fingerprint(), f1);
+        s.reset(Some("DateStyle"));
+        assert_eq!(s.fingerprint(), f1);
+        s.reset(None);
+        assert_eq!(s.fingerprint(), 0);
+    }
+}

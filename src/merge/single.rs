@@ -1,0 +1,99 @@
+//! Pass-through relay for a statement that runs on exactly one shard: frames are
+//! forwarded as the bytes the shard sent.
+
+use std::collections::VecDeque;
+
+use super::{skip_to_sync, Outcome, RelayError, Step};
+use crate::backend::ServerConn;
+use crate::frontend::client::ClientConn;
+
+/// Forward the shard's answers to `steps` to the client until the queue is empty.
+/// Cancel-safety: not cancel-safe (a half-relayed answer leaves the connection broken).
+pub async fn relay_single(
+    conn: &mut ServerConn,
+    client: &mut ClientConn,
+    steps: &mut VecDeque<Step>,
+) -> Result<Outcome, RelayError> {
+    let mut out = Outcome::default();
+    let mut done = 0usize;
+    loop {
+        while let Some(Step::Synthetic(b)) = steps.front() {
+            client.wbuf.extend_from_slice(b);
+            steps.pop_front();
+        }
+        let Some(Step::Server { kind, forward }) = steps.front().cloned() else {
+            return Ok(out);
+        };
+        if !conn.has_buffered_frame() {
+            // About to wait for the shard: let the client have what we have so far.
+            client.flush().await?;
+        }
+        let frame = conn.read_raw().await?;
+        let tag = frame[0];
+        match tag {
+            // Asynchronous messages: always the client's.
+            b'N' | b'S' | b'A' => client.wbuf.extend_from_slice(&frame),
+            b'E' => {
+                client.wbuf.extend_from_slice(&frame);
+                out.error = true;
+                out.failed_step.get_or_insert(done);
+                if kind.skips_to_sync() {
+                    steps.pop_front();
+                    if !skip_to_sync(steps) {
+                        out.skipping = true;
+                    }
+                }
+            }
+            b'Z' if kind.is_terminal(tag) => {
+                steps.pop_front();
+                done += 1;
+            }
+            b'G' => {
+                // COPY FROM STDIN: the client streams CopyData until CopyDone/CopyFail.
+                client.wbuf.extend_from_slice(&frame);
+                client.flush().await?;
+                copy_in(conn, client).await?;
+            }
+            _ => {
+                if forward {
+                    client.wbuf.extend_from_slice(&frame);
+                }
+                if kind.is_terminal(tag) {
+                    steps.pop_front();
+                    done += 1;
+                }
+            }
+        }
+        if client.wbuf.len() > 64 * 1024 {
+            client.flush().await?;
+        }
+    }
+}
+
+/// Pump CopyData from the client to the shard until CopyDone or CopyFail.
+async fn copy_in(conn: &mut ServerConn, client: &mut ClientConn) -> Result<(), RelayError> {
+    loop {
+        let frame = client.read_raw().await?;
+        match frame[0] {
+            b'd' => {
+                conn.wbuf.extend_from_slice(&frame);
+                if conn.wbuf.len() > 64 * 1024 {
+                    conn.flush().await?;
+                }
+            }
+            b'c' | b'f' => {
+                conn.wbuf.extend_from_slice(&frame);
+                conn.flush().await?;
+                return Ok(());
+            }
+            // Flush and Sync are ignored during COPY, as PostgreSQL does.
+            b'H' | b'S' => {}
+            _ => {
+                // Anything else aborts the copy on the server.
+                crate::protocol::messages::cstr_message(&mut conn.wbuf, b'f', &["unexpected message during COPY"]);
+                conn.flush().await?;
+                return Ok(());
+            }
+        }
+    }
+}
