@@ -138,7 +138,11 @@ fn parse_uuid(s: &str) -> Option<[u8; 16]> {
         let c = bytes[i];
         if c == b'-' {
             // Hyphens only between groups of four digits, never doubled or trailing.
-            if digits == 0 || digits % 4 != 0 || i + 1 == bytes.len() || bytes[i + 1] == b'-' {
+            if digits == 0
+                || !digits.is_multiple_of(4)
+                || i + 1 == bytes.len()
+                || bytes[i + 1] == b'-'
+            {
                 return None;
             }
             i += 1;
@@ -148,7 +152,7 @@ fn parse_uuid(s: &str) -> Option<[u8; 16]> {
         if digits >= 32 {
             return None;
         }
-        out[digits / 2] |= if digits % 2 == 0 { v << 4 } else { v };
+        out[digits / 2] |= if digits.is_multiple_of(2) { v << 4 } else { v };
         digits += 1;
         i += 1;
     }
