@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use shardwire::config::Config;
+use shardwire::topology::build;
 
 #[derive(Parser)]
 #[command(
@@ -57,12 +59,49 @@ fn main() -> ExitCode {
             eprintln!("serve: not built yet");
             ExitCode::FAILURE
         }
-        Command::Check { .. } => {
-            eprintln!("check: not built yet");
-            ExitCode::FAILURE
-        }
+        Command::Check {
+            config,
+            list_shards,
+        } => check(&config, list_shards),
         Command::Route { .. } => {
             eprintln!("route: not built yet");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `shardwire check`: validate the config and print the topology (or, with
+/// `--list-shards`, one tab-separated line per shard). Exit 1 with every problem listed.
+fn check(path: &std::path::Path, list_shards: bool) -> ExitCode {
+    let cfg = match Config::load(path) {
+        Ok(cfg) => cfg,
+        Err(err) => {
+            for line in err.errors() {
+                eprintln!("error: {line}");
+            }
+            eprintln!("{}: invalid configuration", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    if list_shards {
+        for s in &cfg.shards {
+            println!(
+                "{}\t{}\t{}\t{}\t{}\t{}",
+                s.name, s.host, s.port, s.database, s.user, s.password
+            );
+        }
+        return ExitCode::SUCCESS;
+    }
+    match build::build(&cfg) {
+        Ok(topology) => {
+            print!("{}", build::summary(&topology));
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in errors {
+                eprintln!("error: {e}");
+            }
             ExitCode::FAILURE
         }
     }
