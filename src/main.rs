@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use shardwire::config::Config;
+use shardwire::server::{start, ServeOptions};
 use shardwire::topology::build;
 
 #[derive(Parser)]
@@ -55,10 +56,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { .. } => {
-            eprintln!("serve: not built yet");
-            ExitCode::FAILURE
-        }
+        Command::Serve {
+            config,
+            listen,
+            log_level,
+        } => serve(&config, listen, &log_level),
         Command::Check {
             config,
             list_shards,
@@ -66,6 +68,81 @@ fn main() -> ExitCode {
         Command::Route { .. } => {
             eprintln!("route: not built yet");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `shardwire serve`: run the router until SIGINT/SIGTERM.
+fn serve(path: &std::path::Path, listen: Option<String>, log_level: &str) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_new(log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+    let cfg = match Config::load(path) {
+        Ok(cfg) => cfg,
+        Err(err) => {
+            for line in err.errors() {
+                eprintln!("error: {line}");
+            }
+            eprintln!("{}: invalid configuration", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut opts = match ServeOptions::from_config(&cfg) {
+        Ok(o) => o,
+        Err(errs) => {
+            for e in errs {
+                eprintln!("error: {e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(l) = listen {
+        opts.listen = l;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listen = opts.listen.clone();
+        let router = match start(opts).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: cannot listen on {listen}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let stop = router.shutdown_handle();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            let _ = stop.send(true);
+        });
+        router.wait().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

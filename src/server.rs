@@ -37,6 +37,8 @@ pub struct ServeOptions {
     pub listen: String,
     pub pool: PoolSettings,
     pub max_message: u64,
+    /// Session pooling: a client keeps its shard connections until it disconnects.
+    pub session_pooling: bool,
     /// How long shutdown waits for running sessions.
     pub grace: Duration,
 }
@@ -67,6 +69,37 @@ impl RunningRouter {
     }
 }
 
+impl ServeOptions {
+    /// Options from a validated config.
+    pub fn from_config(
+        cfg: &crate::config::Config,
+    ) -> Result<ServeOptions, Vec<crate::config::ConfigError>> {
+        let topology = crate::topology::build::build(cfg)?;
+        Ok(ServeOptions {
+            topology,
+            users: cfg
+                .users
+                .iter()
+                .map(|u| UserSpec {
+                    name: u.name.clone(),
+                    password: u.password.clone(),
+                    admin: u.admin,
+                })
+                .collect(),
+            database: cfg.database.clone(),
+            listen: cfg.listen.clone(),
+            pool: PoolSettings {
+                size: cfg.pool.size,
+                connect_timeout: Duration::from_millis(cfg.pool.connect_timeout_ms),
+                checkout_timeout: Duration::from_millis(cfg.pool.checkout_timeout_ms),
+            },
+            session_pooling: cfg.pool.mode == crate::config::PoolMode::Session,
+            max_message: cfg.pool.max_message_bytes,
+            grace: Duration::from_secs(10),
+        })
+    }
+}
+
 /// Bind the listener and start serving.
 pub async fn start(opts: ServeOptions) -> std::io::Result<RunningRouter> {
     let listener = TcpListener::bind(&opts.listen).await?;
@@ -75,12 +108,27 @@ pub async fn start(opts: ServeOptions) -> std::io::Result<RunningRouter> {
     let users: HashMap<String, UserAuth> = opts
         .users
         .iter()
-        .map(|u| (u.name.clone(), UserAuth { verifier: ScramVerifier::from_config(&u.password), admin: u.admin }))
+        .map(|u| {
+            (
+                u.name.clone(),
+                UserAuth {
+                    verifier: ScramVerifier::from_config(&u.password),
+                    admin: u.admin,
+                },
+            )
+        })
         .collect();
     let router = Router::new(Arc::new(opts.topology));
-    let shared = Arc::new(Shared::new(router, pools, users, opts.database, opts.max_message));
+    let mut shared = Shared::new(router, pools, users, opts.database, opts.max_message);
+    shared.session_pooling = opts.session_pooling;
+    let shared = Arc::new(shared);
     let (tx, rx) = watch::channel(false);
     let task = tokio::spawn(frontend::run(listener, shared.clone(), rx, opts.grace));
     tracing::info!(%addr, "shardwire listening");
-    Ok(RunningRouter { addr, shared, shutdown: tx, task })
+    Ok(RunningRouter {
+        addr,
+        shared,
+        shutdown: tx,
+        task,
+    })
 }

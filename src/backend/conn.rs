@@ -56,7 +56,11 @@ pub struct ServerConn {
 
 impl ServerConn {
     /// Connect and authenticate; returns once the server is ready for queries.
-    pub async fn connect(shard_id: ShardId, shard: &Shard, timeout: Duration) -> Result<ServerConn, BackendError> {
+    pub async fn connect(
+        shard_id: ShardId,
+        shard: &Shard,
+        timeout: Duration,
+    ) -> Result<ServerConn, BackendError> {
         match tokio::time::timeout(timeout, Self::connect_inner(shard_id, shard)).await {
             Ok(r) => r,
             Err(_) => Err(BackendError::Connect {
@@ -67,11 +71,16 @@ impl ServerConn {
     }
 
     async fn connect_inner(shard_id: ShardId, shard: &Shard) -> Result<ServerConn, BackendError> {
-        let connect_err = |reason: String| BackendError::Connect { shard: shard.name.clone(), reason };
+        let connect_err = |reason: String| BackendError::Connect {
+            shard: shard.name.clone(),
+            reason,
+        };
         let stream = TcpStream::connect((shard.host.as_str(), shard.port))
             .await
             .map_err(|e| connect_err(format!("{}:{}: {e}", shard.host, shard.port)))?;
-        stream.set_nodelay(true).map_err(|e| connect_err(e.to_string()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| connect_err(e.to_string()))?;
         let addr = stream.peer_addr().map_err(|e| connect_err(e.to_string()))?;
         let mut conn = ServerConn {
             shard: shard_id,
@@ -92,7 +101,10 @@ impl ServerConn {
         let mut b = BytesMut::new();
         b.put_i32(0);
         b.put_i32(PROTOCOL_3_0);
-        for (k, v) in [("user", shard.user.as_str()), ("database", shard.database.as_str())] {
+        for (k, v) in [
+            ("user", shard.user.as_str()),
+            ("database", shard.database.as_str()),
+        ] {
             messages::put_cstr(&mut b, k);
             messages::put_cstr(&mut b, v);
         }
@@ -107,7 +119,8 @@ impl ServerConn {
             let f = conn.read_frame().await?;
             match f.tag {
                 b'R' => {
-                    let code = be_i32(&f.body, 0).ok_or_else(|| connect_err("short authentication message".into()))?;
+                    let code = be_i32(&f.body, 0)
+                        .ok_or_else(|| connect_err("short authentication message".into()))?;
                     let payload = &f.body[4..];
                     match code {
                         0 => {}
@@ -117,15 +130,21 @@ impl ServerConn {
                                 .get(..4)
                                 .and_then(|s| s.try_into().ok())
                                 .ok_or_else(|| connect_err("short MD5 salt".into()))?;
-                            let hashed = md5_hash(shard.user.as_bytes(), shard.password.as_bytes(), salt);
+                            let hashed =
+                                md5_hash(shard.user.as_bytes(), shard.password.as_bytes(), salt);
                             conn.send_password(hashed.as_bytes());
                         }
                         10 => {
                             let mechs = String::from_utf8_lossy(payload);
                             if !mechs.split('\0').any(|m| m == "SCRAM-SHA-256") {
-                                return Err(connect_err(format!("server offers no supported SASL mechanism ({mechs})")));
+                                return Err(connect_err(format!(
+                                    "server offers no supported SASL mechanism ({mechs})"
+                                )));
                             }
-                            let s = ScramSha256::new(shard.password.as_bytes(), ChannelBinding::unsupported());
+                            let s = ScramSha256::new(
+                                shard.password.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
                             let at = messages::begin(&mut conn.wbuf, b'p');
                             messages::put_cstr(&mut conn.wbuf, "SCRAM-SHA-256");
                             conn.wbuf.put_i32(s.message().len() as i32);
@@ -134,17 +153,27 @@ impl ServerConn {
                             scram = Some(s);
                         }
                         11 => {
-                            let s = scram.as_mut().ok_or_else(|| connect_err("unexpected SASL continue".into()))?;
-                            s.update(payload).map_err(|e| connect_err(format!("SCRAM: {e}")))?;
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| connect_err("unexpected SASL continue".into()))?;
+                            s.update(payload)
+                                .map_err(|e| connect_err(format!("SCRAM: {e}")))?;
                             let at = messages::begin(&mut conn.wbuf, b'p');
                             conn.wbuf.put_slice(s.message());
                             messages::finish(&mut conn.wbuf, at);
                         }
                         12 => {
-                            let s = scram.as_mut().ok_or_else(|| connect_err("unexpected SASL final".into()))?;
-                            s.finish(payload).map_err(|e| connect_err(format!("SCRAM: {e}")))?;
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| connect_err("unexpected SASL final".into()))?;
+                            s.finish(payload)
+                                .map_err(|e| connect_err(format!("SCRAM: {e}")))?;
                         }
-                        other => return Err(connect_err(format!("unsupported authentication method {other}"))),
+                        other => {
+                            return Err(connect_err(format!(
+                                "unsupported authentication method {other}"
+                            )))
+                        }
                     }
                     conn.flush().await?;
                 }
@@ -160,10 +189,19 @@ impl ServerConn {
                 b'Z' => return Ok(conn),
                 b'E' => {
                     let (code, message) = summarize_error(&f.body);
-                    return Err(BackendError::Rejected { shard: shard.name.clone(), code, message });
+                    return Err(BackendError::Rejected {
+                        shard: shard.name.clone(),
+                        code,
+                        message,
+                    });
                 }
                 b'N' => {}
-                other => return Err(connect_err(format!("unexpected message '{}' during startup", other as char))),
+                other => {
+                    return Err(connect_err(format!(
+                        "unexpected message '{}' during startup",
+                        other as char
+                    )))
+                }
             }
         }
     }
@@ -180,7 +218,10 @@ impl ServerConn {
         let mut raw = self.read_raw().await?;
         let tag = raw[0];
         raw.advance(crate::protocol::codec::HEADER);
-        Ok(Frame { tag, body: raw.freeze() })
+        Ok(Frame {
+            tag,
+            body: raw.freeze(),
+        })
     }
 
     /// Read the next whole frame as raw bytes (tag, length, body), ready to forward.
@@ -197,7 +238,10 @@ impl ServerConn {
                 Ok(None) => {}
                 Err(e) => {
                     self.broken = true;
-                    return Err(BackendError::Protocol { shard: self.shard_name.clone(), reason: e.to_string() });
+                    return Err(BackendError::Protocol {
+                        shard: self.shard_name.clone(),
+                        reason: e.to_string(),
+                    });
                 }
             }
             if self.rbuf.capacity() - self.rbuf.len() < 4096 {
@@ -207,7 +251,10 @@ impl ServerConn {
                 Ok(n) => n,
                 Err(e) => {
                     self.broken = true;
-                    return Err(BackendError::Lost { shard: self.shard_name.clone(), reason: e.to_string() });
+                    return Err(BackendError::Lost {
+                        shard: self.shard_name.clone(),
+                        reason: e.to_string(),
+                    });
                 }
             };
             if n == 0 {
@@ -232,7 +279,10 @@ impl ServerConn {
         }
         if let Err(e) = self.stream.write_all(&self.wbuf).await {
             self.broken = true;
-            return Err(BackendError::Lost { shard: self.shard_name.clone(), reason: e.to_string() });
+            return Err(BackendError::Lost {
+                shard: self.shard_name.clone(),
+                reason: e.to_string(),
+            });
         }
         self.wbuf.clear();
         Ok(())
@@ -261,7 +311,8 @@ impl ServerConn {
 }
 
 fn be_i32(b: &[u8], at: usize) -> Option<i32> {
-    b.get(at..at + 4).map(|s| i32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(at..at + 4)
+        .map(|s| i32::from_be_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 /// Send a CancelRequest for the server connection `pid`/`secret` at `addr`.

@@ -19,7 +19,11 @@ pub enum BackendError {
     /// The shard refused the connection with an error of its own (bad password,
     /// unknown database, too many connections, shutting down).
     #[error("shard \"{shard}\" refused the connection: {message} ({code})")]
-    Rejected { shard: String, code: String, message: String },
+    Rejected {
+        shard: String,
+        code: String,
+        message: String,
+    },
     /// An established connection broke.
     #[error("connection to shard \"{shard}\" was lost: {reason}")]
     Lost { shard: String, reason: String },
@@ -34,20 +38,33 @@ pub enum BackendError {
 impl BackendError {
     /// Whether the server connection is gone (vs. a refusal we could retry).
     pub fn is_disconnect(&self) -> bool {
-        matches!(self, BackendError::Lost { .. } | BackendError::Protocol { .. })
+        matches!(
+            self,
+            BackendError::Lost { .. } | BackendError::Protocol { .. }
+        )
     }
 
     /// The error a client sees.
     pub fn to_pg(&self) -> PgError {
         match self {
-            BackendError::Connect { .. } | BackendError::Rejected { .. } => {
-                PgError::error(sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION, self.to_string())
-                    .with_hint("check that the shard is running and that shard-config.yaml names it correctly")
+            BackendError::Connect { .. } | BackendError::Rejected { .. } => PgError::error(
+                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                self.to_string(),
+            )
+            .with_hint(
+                "check that the shard is running and that shard-config.yaml names it correctly",
+            ),
+            BackendError::Lost { .. } => {
+                PgError::error(sqlstate::CONNECTION_FAILURE, self.to_string())
             }
-            BackendError::Lost { .. } => PgError::error(sqlstate::CONNECTION_FAILURE, self.to_string()),
-            BackendError::Protocol { .. } => PgError::error(sqlstate::PROTOCOL_VIOLATION, self.to_string()),
-            BackendError::CheckoutTimeout { .. } => PgError::error(sqlstate::TOO_MANY_CONNECTIONS, self.to_string())
-                .with_hint("raise pool.size or pool.checkout_timeout_ms, or lower the client concurrency"),
+            BackendError::Protocol { .. } => {
+                PgError::error(sqlstate::PROTOCOL_VIOLATION, self.to_string())
+            }
+            BackendError::CheckoutTimeout { .. } => {
+                PgError::error(sqlstate::TOO_MANY_CONNECTIONS, self.to_string()).with_hint(
+                    "raise pool.size or pool.checkout_timeout_ms, or lower the client concurrency",
+                )
+            }
         }
     }
 }

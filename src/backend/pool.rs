@@ -55,7 +55,9 @@ impl Failures {
     /// A failure newer than `since`.
     fn since(&self, since: Instant) -> Option<BackendError> {
         let last = self.last.lock().ok()?;
-        last.as_ref().filter(|(at, _)| *at >= since).map(|(_, e)| e.clone())
+        last.as_ref()
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, e)| e.clone())
     }
 }
 
@@ -133,7 +135,12 @@ impl Pools {
                     .connection_timeout(settings.checkout_timeout)
                     .idle_timeout(Some(Duration::from_secs(300)))
                     .build_unchecked(manager);
-                ShardPool { name: shard.name.clone(), pool, failures, checkout_timeout: settings.checkout_timeout }
+                ShardPool {
+                    name: shard.name.clone(),
+                    pool,
+                    failures,
+                    checkout_timeout: settings.checkout_timeout,
+                }
             })
             .collect();
         Pools { shards }
@@ -150,10 +157,13 @@ impl Pools {
     /// Check out a connection to `shard`, failing fast with the real reason if
     /// connecting to it fails.
     pub async fn checkout(&self, shard: ShardId) -> Result<Checkout, BackendError> {
-        let sp = self.shards.get(shard).ok_or_else(|| BackendError::Connect {
-            shard: format!("#{shard}"),
-            reason: "no such shard".into(),
-        })?;
+        let sp = self
+            .shards
+            .get(shard)
+            .ok_or_else(|| BackendError::Connect {
+                shard: format!("#{shard}"),
+                reason: "no such shard".into(),
+            })?;
         let started = Instant::now();
         let failed = sp.failures.notify.notified();
         tokio::pin!(failed);

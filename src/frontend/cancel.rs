@@ -56,7 +56,9 @@ impl CancelRegistry {
             return Vec::new();
         };
         match map.get(&pid) {
-            Some((s, active)) if *s == secret => active.lock().map(|a| a.clone()).unwrap_or_default(),
+            Some((s, active)) if *s == secret => {
+                active.lock().map(|a| a.clone()).unwrap_or_default()
+            }
             _ => Vec::new(),
         }
     }
@@ -78,7 +80,11 @@ mod tests {
     fn only_the_right_secret_finds_targets() {
         let reg = CancelRegistry::default();
         let (pid, secret, active) = reg.register();
-        let key = ServerKey { addr: "127.0.0.1:5433".parse().expect("addr"), pid: 42, secret: 7 };
+        let key = ServerKey {
+            addr: "127.0.0.1:5433".parse().expect("addr"),
+            pid: 42,
+            secret: 7,
+        };
         active.lock().expect("lock").push(key);
         assert_eq!(reg.targets(pid, secret), vec![key]);
         assert!(reg.targets(pid, secret.wrapping_add(1)).is_empty());

@@ -35,7 +35,12 @@ pub struct ClientConn {
 
 impl ClientConn {
     pub fn new(stream: TcpStream, max_message: u64) -> ClientConn {
-        ClientConn { stream, rbuf: BytesMut::with_capacity(8192), wbuf: BytesMut::with_capacity(8192), max_message }
+        ClientConn {
+            stream,
+            rbuf: BytesMut::with_capacity(8192),
+            wbuf: BytesMut::with_capacity(8192),
+            max_message,
+        }
     }
 
     async fn fill(&mut self) -> Result<(), ClientError> {
@@ -103,6 +108,9 @@ impl ClientConn {
     }
 
     pub fn peer(&self) -> String {
-        self.stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into())
+        self.stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into())
     }
 }

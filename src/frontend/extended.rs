@@ -38,7 +38,10 @@ impl PreparedStatement {
     /// Transaction control and settings are run by the session, not forwarded as is.
     fn is_local(&self) -> bool {
         match self.plan.statements.first() {
-            Some(s) => !matches!(s.kind, StatementKind::Query | StatementKind::Show | StatementKind::Other),
+            Some(s) => !matches!(
+                s.kind,
+                StatementKind::Query | StatementKind::Show | StatementKind::Other
+            ),
             None => false,
         }
     }
@@ -61,7 +64,11 @@ pub enum Target {
 
 /// One message to send (or answer) within a group.
 enum Op {
-    Bind { portal: String, statement: Arc<PreparedStatement>, rest: Bytes },
+    Bind {
+        portal: String,
+        statement: Arc<PreparedStatement>,
+        rest: Bytes,
+    },
     DescribeStatement(Arc<PreparedStatement>),
     DescribePortal(String),
     Execute(String, i32),
@@ -100,7 +107,10 @@ impl Session {
                 g.target = target;
                 g.ops.push(op);
             }
-            _ => groups.push(Group { target, ops: vec![op] }),
+            _ => groups.push(Group {
+                target,
+                ops: vec![op],
+            }),
         }
     }
 
@@ -160,13 +170,21 @@ impl Session {
             }
         };
         if plan.statements.len() > 1 {
-            self.ext_error(PgError::error(sqlstate::SYNTAX_ERROR, "cannot insert multiple commands into a prepared statement"));
+            self.ext_error(PgError::error(
+                sqlstate::SYNTAX_ERROR,
+                "cannot insert multiple commands into a prepared statement",
+            ));
             return Ok(());
         }
         let mut h = DefaultHasher::new();
         p.sql.hash(&mut h);
         p.param_types.hash(&mut h);
-        let stmt = PreparedStatement { sql: p.sql.to_owned(), param_types: p.param_types, plan, hash: h.finish() };
+        let stmt = PreparedStatement {
+            sql: p.sql.to_owned(),
+            param_types: p.param_types,
+            plan,
+            hash: h.finish(),
+        };
         self.statements.insert(p.name.to_owned(), Arc::new(stmt));
         self.add_op(Target::Local, synthetic(b'1'));
         Ok(())
@@ -183,7 +201,13 @@ impl Session {
         };
         let portal = b.portal.to_owned();
         if stmt.is_local() {
-            self.portals.insert(portal, Portal { statement: stmt, target: Target::Local });
+            self.portals.insert(
+                portal,
+                Portal {
+                    statement: stmt,
+                    target: Target::Local,
+                },
+            );
             self.add_op(Target::Local, synthetic(b'2'));
             return Ok(());
         }
@@ -231,22 +255,43 @@ impl Session {
                             );
                             return Ok(());
                         }
-                        let combine = if merge == MergePlan::Replicated { Combine::Replicated } else { Combine::Sum };
+                        let combine = if merge == MergePlan::Replicated {
+                            Combine::Replicated
+                        } else {
+                            Combine::Sum
+                        };
                         Target::Multi(shards, combine)
                     }
                 }
             }
         };
         let rest = body.slice(b.rest_offset..);
-        self.portals.insert(portal.clone(), Portal { statement: stmt.clone(), target: target.clone() });
-        self.add_op(target, Op::Bind { portal, statement: stmt, rest });
+        self.portals.insert(
+            portal.clone(),
+            Portal {
+                statement: stmt.clone(),
+                target: target.clone(),
+            },
+        );
+        self.add_op(
+            target,
+            Op::Bind {
+                portal,
+                statement: stmt,
+                rest,
+            },
+        );
         Ok(())
     }
 
     /// A shard to describe a statement on: the one this batch already talks to, one the
     /// transaction holds, or the default shard.
     fn describe_shard(&self) -> ShardId {
-        if let Some(Group { target: Target::Shard(s), .. }) = self.pending.groups.last() {
+        if let Some(Group {
+            target: Target::Shard(s),
+            ..
+        }) = self.pending.groups.last()
+        {
             return *s;
         }
         if let Some(s) = self.held.keys().next() {
@@ -277,7 +322,10 @@ impl Session {
             return Ok(());
         }
         let Some(portal) = self.portals.get(t.name) else {
-            self.ext_error(PgError::error(sqlstate::INVALID_CURSOR_NAME, format!("portal \"{}\" does not exist", t.name)));
+            self.ext_error(PgError::error(
+                sqlstate::INVALID_CURSOR_NAME,
+                format!("portal \"{}\" does not exist", t.name),
+            ));
             return Ok(());
         };
         match portal.target.clone() {
@@ -290,7 +338,10 @@ impl Session {
     async fn on_execute(&mut self, body: &Bytes) -> Result<(), SessionError> {
         let (name, max_rows) = messages::parse_execute(body).map_err(malformed)?;
         let Some(portal) = self.portals.get(name) else {
-            self.ext_error(PgError::error(sqlstate::INVALID_CURSOR_NAME, format!("portal \"{name}\" does not exist")));
+            self.ext_error(PgError::error(
+                sqlstate::INVALID_CURSOR_NAME,
+                format!("portal \"{name}\" does not exist"),
+            ));
             return Ok(());
         };
         match portal.target.clone() {
@@ -302,7 +353,9 @@ impl Session {
                 if self.skipping {
                     return Ok(());
                 }
-                let Some(sp) = stmt.plan.statements.first() else { return Ok(()) };
+                let Some(sp) = stmt.plan.statements.first() else {
+                    return Ok(());
+                };
                 let ok = self.execute(sp, &stmt.sql).await?;
                 if !ok {
                     self.skipping = true;
@@ -350,7 +403,9 @@ impl Session {
                     true
                 }
                 Target::Shard(s) => self.run_single(s, g.ops, sync).await?,
-                Target::Multi(shards, combine) => self.run_fanout(&shards, g.ops, sync, combine).await?,
+                Target::Multi(shards, combine) => {
+                    self.run_fanout(&shards, g.ops, sync, combine).await?
+                }
             };
             if !ok {
                 failed = true;
@@ -361,11 +416,16 @@ impl Session {
         }
         if sync {
             // Shards sent messages at an earlier Flush but not in this run still owe a Sync.
-            let unsynced: Vec<ShardId> = std::mem::take(&mut self.pending.unsynced).into_iter().collect();
+            let unsynced: Vec<ShardId> = std::mem::take(&mut self.pending.unsynced)
+                .into_iter()
+                .collect();
             for s in unsynced {
                 if let Some(c) = self.held.get_mut(&s) {
                     messages::empty_message(&mut c.wbuf, b'S');
-                    let mut steps = VecDeque::from([Step::Server { kind: StepKind::Sync, forward: false }]);
+                    let mut steps = VecDeque::from([Step::Server {
+                        kind: StepKind::Sync,
+                        forward: false,
+                    }]);
                     let r = match c.flush().await {
                         Ok(()) => relay_single(c, &mut self.client, &mut steps).await,
                         Err(e) => Err(RelayError::Backend(e)),
@@ -384,51 +444,83 @@ impl Session {
         Ok(())
     }
 
-    async fn run_single(&mut self, shard: ShardId, ops: Vec<Op>, sync: bool) -> Result<bool, SessionError> {
+    async fn run_single(
+        &mut self,
+        shard: ShardId,
+        ops: Vec<Op>,
+        sync: bool,
+    ) -> Result<bool, SessionError> {
         if let Err(e) = self.conn_for(shard).await {
             self.fail(e);
             return Ok(false);
         }
-        let Some(conn) = self.held.get_mut(&shard) else { return Ok(false) };
+        let Some(conn) = self.held.get_mut(&shard) else {
+            return Ok(false);
+        };
         let mut steps = VecDeque::with_capacity(ops.len() + 2);
         // Statements created by this group: (server step index, hash).
         let mut created: Vec<(usize, u64)> = Vec::new();
         let mut server_steps = 0usize;
-        let mut ensure = |conn: &mut crate::backend::ServerConn, steps: &mut VecDeque<Step>, st: &PreparedStatement, server_steps: &mut usize| {
+        let mut ensure = |conn: &mut crate::backend::ServerConn,
+                          steps: &mut VecDeque<Step>,
+                          st: &PreparedStatement,
+                          server_steps: &mut usize| {
             if conn.prepared.insert(st.hash) {
                 messages::parse(&mut conn.wbuf, &st.server_name(), &st.sql, &st.param_types);
-                steps.push_back(Step::Server { kind: StepKind::Parse, forward: false });
+                steps.push_back(Step::Server {
+                    kind: StepKind::Parse,
+                    forward: false,
+                });
                 created.push((*server_steps, st.hash));
                 *server_steps += 1;
             }
         };
         for op in ops {
             match op {
-                Op::Bind { portal, statement, rest } => {
+                Op::Bind {
+                    portal,
+                    statement,
+                    rest,
+                } => {
                     ensure(conn, &mut steps, &statement, &mut server_steps);
                     messages::rebind(&mut conn.wbuf, &portal, &statement.server_name(), &rest);
-                    steps.push_back(Step::Server { kind: StepKind::Bind, forward: true });
+                    steps.push_back(Step::Server {
+                        kind: StepKind::Bind,
+                        forward: true,
+                    });
                     server_steps += 1;
                 }
                 Op::DescribeStatement(statement) => {
                     ensure(conn, &mut steps, &statement, &mut server_steps);
                     messages::target(&mut conn.wbuf, b'D', b'S', &statement.server_name());
-                    steps.push_back(Step::Server { kind: StepKind::DescribeStatement, forward: true });
+                    steps.push_back(Step::Server {
+                        kind: StepKind::DescribeStatement,
+                        forward: true,
+                    });
                     server_steps += 1;
                 }
                 Op::DescribePortal(p) => {
                     messages::target(&mut conn.wbuf, b'D', b'P', &p);
-                    steps.push_back(Step::Server { kind: StepKind::DescribePortal, forward: true });
+                    steps.push_back(Step::Server {
+                        kind: StepKind::DescribePortal,
+                        forward: true,
+                    });
                     server_steps += 1;
                 }
                 Op::Execute(p, n) => {
                     messages::execute(&mut conn.wbuf, &p, n);
-                    steps.push_back(Step::Server { kind: StepKind::Execute, forward: true });
+                    steps.push_back(Step::Server {
+                        kind: StepKind::Execute,
+                        forward: true,
+                    });
                     server_steps += 1;
                 }
                 Op::ClosePortal(p) => {
                     messages::target(&mut conn.wbuf, b'C', b'P', &p);
-                    steps.push_back(Step::Server { kind: StepKind::Close, forward: true });
+                    steps.push_back(Step::Server {
+                        kind: StepKind::Close,
+                        forward: true,
+                    });
                     server_steps += 1;
                 }
                 Op::Synthetic(b) => steps.push_back(Step::Synthetic(b)),
@@ -436,7 +528,10 @@ impl Session {
         }
         if sync {
             messages::empty_message(&mut conn.wbuf, b'S');
-            steps.push_back(Step::Server { kind: StepKind::Sync, forward: false });
+            steps.push_back(Step::Server {
+                kind: StepKind::Sync,
+                forward: false,
+            });
             self.pending.unsynced.remove(&shard);
         } else {
             self.pending.unsynced.insert(shard);
@@ -459,7 +554,13 @@ impl Session {
         self.finish_relay(&[shard], result)
     }
 
-    async fn run_fanout(&mut self, shards: &[ShardId], ops: Vec<Op>, sync: bool, combine: Combine) -> Result<bool, SessionError> {
+    async fn run_fanout(
+        &mut self,
+        shards: &[ShardId],
+        ops: Vec<Op>,
+        sync: bool,
+        combine: Combine,
+    ) -> Result<bool, SessionError> {
         for &s in shards {
             if let Err(e) = self.conn_for(s).await {
                 self.fail(e);
@@ -472,36 +573,64 @@ impl Session {
         let mut steps = VecDeque::with_capacity(ops.len() + 2);
         for op in ops {
             match op {
-                Op::Bind { portal, statement, rest } => {
+                Op::Bind {
+                    portal,
+                    statement,
+                    rest,
+                } => {
                     messages::parse(&mut wire, "", &statement.sql, &statement.param_types);
-                    steps.push_back(Step::Server { kind: StepKind::Parse, forward: false });
+                    steps.push_back(Step::Server {
+                        kind: StepKind::Parse,
+                        forward: false,
+                    });
                     messages::rebind(&mut wire, &portal, "", &rest);
-                    steps.push_back(Step::Server { kind: StepKind::Bind, forward: true });
+                    steps.push_back(Step::Server {
+                        kind: StepKind::Bind,
+                        forward: true,
+                    });
                 }
                 Op::DescribeStatement(statement) => {
                     messages::parse(&mut wire, "", &statement.sql, &statement.param_types);
-                    steps.push_back(Step::Server { kind: StepKind::Parse, forward: false });
+                    steps.push_back(Step::Server {
+                        kind: StepKind::Parse,
+                        forward: false,
+                    });
                     messages::target(&mut wire, b'D', b'S', "");
-                    steps.push_back(Step::Server { kind: StepKind::DescribeStatement, forward: true });
+                    steps.push_back(Step::Server {
+                        kind: StepKind::DescribeStatement,
+                        forward: true,
+                    });
                 }
                 Op::DescribePortal(p) => {
                     messages::target(&mut wire, b'D', b'P', &p);
-                    steps.push_back(Step::Server { kind: StepKind::DescribePortal, forward: true });
+                    steps.push_back(Step::Server {
+                        kind: StepKind::DescribePortal,
+                        forward: true,
+                    });
                 }
                 Op::Execute(p, n) => {
                     messages::execute(&mut wire, &p, n);
-                    steps.push_back(Step::Server { kind: StepKind::Execute, forward: true });
+                    steps.push_back(Step::Server {
+                        kind: StepKind::Execute,
+                        forward: true,
+                    });
                 }
                 Op::ClosePortal(p) => {
                     messages::target(&mut wire, b'C', b'P', &p);
-                    steps.push_back(Step::Server { kind: StepKind::Close, forward: true });
+                    steps.push_back(Step::Server {
+                        kind: StepKind::Close,
+                        forward: true,
+                    });
                 }
                 Op::Synthetic(b) => steps.push_back(Step::Synthetic(b)),
             }
         }
         if sync {
             messages::empty_message(&mut wire, b'S');
-            steps.push_back(Step::Server { kind: StepKind::Sync, forward: false });
+            steps.push_back(Step::Server {
+                kind: StepKind::Sync,
+                forward: false,
+            });
         }
         let mut conns = Vec::with_capacity(shards.len());
         for (id, c) in self.held.iter_mut() {

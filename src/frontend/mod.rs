@@ -41,12 +41,20 @@ pub struct Shared {
     /// Largest message accepted from a client.
     pub max_message: u64,
     pub cancels: CancelRegistry,
+    /// Session pooling: connections stay with a client until it disconnects.
+    pub session_pooling: bool,
     /// ParameterStatus values of the default shard, learned from its first connection.
     server_params: Mutex<Option<Vec<(String, String)>>>,
 }
 
 impl Shared {
-    pub fn new(router: Router, pools: Arc<Pools>, users: HashMap<String, UserAuth>, database: String, max_message: u64) -> Shared {
+    pub fn new(
+        router: Router,
+        pools: Arc<Pools>,
+        users: HashMap<String, UserAuth>,
+        database: String,
+        max_message: u64,
+    ) -> Shared {
         Shared {
             router: ArcSwap::from_pointee(router),
             pools,
@@ -54,6 +62,7 @@ impl Shared {
             database,
             max_message,
             cancels: CancelRegistry::default(),
+            session_pooling: false,
             server_params: Mutex::new(None),
         }
     }
@@ -86,7 +95,12 @@ impl Shared {
 
     /// Learn the default shard's ParameterStatus values (once).
     pub async fn learn_server_params(&self) {
-        if self.server_params.lock().map(|p| p.is_some()).unwrap_or(true) {
+        if self
+            .server_params
+            .lock()
+            .map(|p| p.is_some())
+            .unwrap_or(true)
+        {
             return;
         }
         let shard = self.router.load().topology().default_shard;
@@ -103,7 +117,12 @@ impl Shared {
 
 /// Accept clients until `shutdown` turns true, then stop accepting and give running
 /// sessions `grace` to finish.
-pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>, grace: Duration) {
+pub async fn run(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
     let sessions = tokio_util_tracker::Tracker::default();
     loop {
         tokio::select! {
@@ -135,7 +154,10 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch
         }
     }
     drop(listener);
-    tracing::info!(sessions = sessions.count(), "stopped accepting; waiting for sessions to finish");
+    tracing::info!(
+        sessions = sessions.count(),
+        "stopped accepting; waiting for sessions to finish"
+    );
     let _ = tokio::time::timeout(grace, sessions.wait_idle()).await;
 }
 
@@ -157,7 +179,9 @@ mod tokio_util_tracker {
     impl Tracker {
         pub fn enter(&self) -> Guard {
             self.inner.0.fetch_add(1, Ordering::SeqCst);
-            Guard { inner: self.inner.clone() }
+            Guard {
+                inner: self.inner.clone(),
+            }
         }
 
         pub fn count(&self) -> usize {

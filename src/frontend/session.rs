@@ -62,7 +62,9 @@ pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr
     shared.cancels.unregister(pid);
     match end {
         Ok(()) => tracing::info!(user = %greeted.user, peer = %peer, pid, "session end"),
-        Err(e) => tracing::info!(user = %greeted.user, peer = %peer, pid, reason = %e, "session end"),
+        Err(e) => {
+            tracing::info!(user = %greeted.user, peer = %peer, pid, reason = %e, "session end")
+        }
     }
 }
 
@@ -131,7 +133,14 @@ pub struct Txn {
 
 impl Txn {
     fn new(begin_sql: String, implicit: bool) -> Txn {
-        Txn { begin_sql, replay: Vec::new(), failed: false, writer: None, pending: None, implicit }
+        Txn {
+            begin_sql,
+            replay: Vec::new(),
+            failed: false,
+            writer: None,
+            pending: None,
+            implicit,
+        }
     }
 }
 
@@ -179,13 +188,19 @@ impl Session {
                 // CopyData/CopyDone/CopyFail outside COPY are ignored, as PostgreSQL does.
                 b'd' | b'c' | b'f' => Ok(()),
                 b'F' => {
-                    let e = PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, "the fastpath function call protocol is not supported")
-                        .with_hint("call the function with SELECT");
+                    let e = PgError::error(
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        "the fastpath function call protocol is not supported",
+                    )
+                    .with_hint("call the function with SELECT");
                     e.encode(&mut self.client.wbuf);
                     self.ready().await
                 }
                 other => {
-                    let e = PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid frontend message type {other}"));
+                    let e = PgError::fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        format!("invalid frontend message type {other}"),
+                    );
                     return self.fatal(e).await;
                 }
             };
@@ -227,7 +242,11 @@ impl Session {
 
     /// Give back connections no transaction or open batch needs.
     pub fn release(&mut self) {
-        if self.txn.is_none() && !self.batch_open && !self.held.is_empty() {
+        if self.txn.is_none()
+            && !self.batch_open
+            && !self.held.is_empty()
+            && !self.shared.session_pooling
+        {
             self.held.clear();
             if let Ok(mut a) = self.active.lock() {
                 a.clear();
@@ -269,7 +288,11 @@ impl Session {
             }
         }
         if let Ok(mut a) = self.active.lock() {
-            a.push(ServerKey { addr: c.addr, pid: c.pid, secret: c.secret });
+            a.push(ServerKey {
+                addr: c.addr,
+                pid: c.pid,
+                secret: c.secret,
+            });
         }
         self.held.insert(shard, c);
         Ok(())
@@ -323,7 +346,12 @@ impl Session {
     async fn simple_query(&mut self, frame: BytesMut) -> Result<(), SessionError> {
         let sql = match messages::parse_query(&frame[5..]) {
             Ok(s) => s.to_owned(),
-            Err(e) => return Err(SessionError::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))),
+            Err(e) => {
+                return Err(SessionError::Fatal(PgError::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    e.to_string(),
+                )))
+            }
         };
         self.skipping = false;
         let router = self.shared.router.load_full();
@@ -343,14 +371,24 @@ impl Session {
         let implicit = plan.statements.len() > 1
             && self.txn.is_none()
             && !plan.statements.iter().any(|s| {
-                matches!(s.kind, StatementKind::Begin | StatementKind::Commit | StatementKind::Rollback | StatementKind::Savepoint)
+                matches!(
+                    s.kind,
+                    StatementKind::Begin
+                        | StatementKind::Commit
+                        | StatementKind::Rollback
+                        | StatementKind::Savepoint
+                )
             });
         if implicit {
             self.txn = Some(Txn::new("BEGIN".into(), true));
         }
         let single = plan.statements.len() == 1;
         for stmt in &plan.statements {
-            let text = if single { sql.as_str() } else { stmt.text.as_str() };
+            let text = if single {
+                sql.as_str()
+            } else {
+                stmt.text.as_str()
+            };
             if !self.execute(stmt, text).await? {
                 break;
             }
@@ -363,7 +401,11 @@ impl Session {
     }
 
     /// Run one statement of the simple protocol; `Ok(false)` if it failed.
-    pub async fn execute(&mut self, stmt: &StatementPlan, text: &str) -> Result<bool, SessionError> {
+    pub async fn execute(
+        &mut self,
+        stmt: &StatementPlan,
+        text: &str,
+    ) -> Result<bool, SessionError> {
         if self.txn.as_ref().is_some_and(|t| t.failed) && !ends_failed_block(stmt) {
             let e = PgError::error(
                 sqlstate::IN_FAILED_SQL_TRANSACTION,
@@ -375,7 +417,11 @@ impl Session {
         match &stmt.kind {
             StatementKind::Begin => {
                 if self.txn.as_ref().is_some_and(|t| !t.implicit) {
-                    PgError::warning(sqlstate::ACTIVE_SQL_TRANSACTION, "there is already a transaction in progress").encode(&mut self.client.wbuf);
+                    PgError::warning(
+                        sqlstate::ACTIVE_SQL_TRANSACTION,
+                        "there is already a transaction in progress",
+                    )
+                    .encode(&mut self.client.wbuf);
                 } else {
                     self.txn = Some(Txn::new(text.to_owned(), false));
                 }
@@ -386,7 +432,11 @@ impl Session {
                 let commit = stmt.kind == StatementKind::Commit;
                 let word = if commit { "COMMIT" } else { "ROLLBACK" };
                 if self.txn.as_ref().is_none_or(|t| t.implicit) {
-                    PgError::warning(sqlstate::NO_ACTIVE_SQL_TRANSACTION, "there is no transaction in progress").encode(&mut self.client.wbuf);
+                    PgError::warning(
+                        sqlstate::NO_ACTIVE_SQL_TRANSACTION,
+                        "there is no transaction in progress",
+                    )
+                    .encode(&mut self.client.wbuf);
                     messages::command_complete(&mut self.client.wbuf, word);
                     return Ok(true);
                 }
@@ -394,16 +444,28 @@ impl Session {
                 let ok = self.end_txn(commit && !failed, true).await?;
                 if ok {
                     // COMMIT of a failed block reports ROLLBACK, as PostgreSQL does.
-                    messages::command_complete(&mut self.client.wbuf, if commit && !failed { "COMMIT" } else { "ROLLBACK" });
+                    messages::command_complete(
+                        &mut self.client.wbuf,
+                        if commit && !failed {
+                            "COMMIT"
+                        } else {
+                            "ROLLBACK"
+                        },
+                    );
                 }
                 Ok(ok)
             }
             StatementKind::Savepoint => self.savepoint(stmt, text).await,
-            StatementKind::Set { name, local } => self.set(stmt, text, Some(name.clone()), *local).await,
+            StatementKind::Set { name, local } => {
+                self.set(stmt, text, Some(name.clone()), *local).await
+            }
             StatementKind::Reset { name } => self.set(stmt, text, name.clone(), false).await,
             StatementKind::Discard if is_discard_all(text) => {
                 if self.txn.as_ref().is_some_and(|t| !t.implicit) {
-                    self.fail(PgError::error(sqlstate::ACTIVE_SQL_TRANSACTION, "DISCARD ALL cannot run inside a transaction block"));
+                    self.fail(PgError::error(
+                        sqlstate::ACTIVE_SQL_TRANSACTION,
+                        "DISCARD ALL cannot run inside a transaction block",
+                    ));
                     return Ok(false);
                 }
                 self.settings.reset(None);
@@ -425,16 +487,25 @@ impl Session {
         let word = if commit { "COMMIT" } else { "ROLLBACK" };
         // Read-only shards first, the one that wrote last: if a commit must fail, it
         // fails before the writes are committed.
-        let mut order: Vec<ShardId> = self.held.keys().copied().filter(|s| Some(*s) != txn.writer).collect();
+        let mut order: Vec<ShardId> = self
+            .held
+            .keys()
+            .copied()
+            .filter(|s| Some(*s) != txn.writer)
+            .collect();
         order.extend(txn.writer.filter(|w| self.held.contains_key(w)));
         let mut ok = true;
         for shard in order {
-            let Some(conn) = self.held.get_mut(&shard) else { continue };
+            let Some(conn) = self.held.get_mut(&shard) else {
+                continue;
+            };
             match conn.run_quiet(word).await {
                 Ok(None) => {}
                 Ok(Some(err)) => {
                     if ok {
-                        self.client.wbuf.extend_from_slice(&messages::raw(err.tag, &err.body));
+                        self.client
+                            .wbuf
+                            .extend_from_slice(&messages::raw(err.tag, &err.body));
                     }
                     ok = false;
                 }
@@ -481,7 +552,12 @@ impl Session {
         let ok = self.run_on(&shards, text, Combine::Replicated).await?;
         if let Some(t) = self.txn.as_mut() {
             t.replay.push(text.to_owned());
-            if ok && text.trim_start().to_ascii_lowercase().starts_with("rollback") {
+            if ok
+                && text
+                    .trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("rollback")
+            {
                 t.failed = false;
             }
         }
@@ -491,7 +567,13 @@ impl Session {
 
     /// SET / RESET: run on a shard (which checks the value and reports ParameterStatus),
     /// then remember it for every connection this client uses.
-    async fn set(&mut self, stmt: &StatementPlan, text: &str, name: Option<String>, local: bool) -> Result<bool, SessionError> {
+    async fn set(
+        &mut self,
+        stmt: &StatementPlan,
+        text: &str,
+        name: Option<String>,
+        local: bool,
+    ) -> Result<bool, SessionError> {
         let is_reset = matches!(stmt.kind, StatementKind::Reset { .. });
         let shards: Vec<ShardId> = if self.txn.is_some() && !self.held.is_empty() {
             self.held.keys().copied().collect()
@@ -575,16 +657,26 @@ impl Session {
     }
 
     /// Send `sql` as a simple query to `shards` and relay the combined answer.
-    pub async fn run_on(&mut self, shards: &[ShardId], sql: &str, combine: Combine) -> Result<bool, SessionError> {
+    pub async fn run_on(
+        &mut self,
+        shards: &[ShardId],
+        sql: &str,
+        combine: Combine,
+    ) -> Result<bool, SessionError> {
         for &s in shards {
             if let Err(e) = self.conn_for(s).await {
                 self.fail(e);
                 return Ok(false);
             }
         }
-        let mut steps = VecDeque::from([Step::Server { kind: StepKind::Query, forward: true }]);
+        let mut steps = VecDeque::from([Step::Server {
+            kind: StepKind::Query,
+            forward: true,
+        }]);
         let result = if let [s] = shards {
-            let Some(conn) = self.held.get_mut(s) else { return Ok(false) };
+            let Some(conn) = self.held.get_mut(s) else {
+                return Ok(false);
+            };
             messages::query(&mut conn.wbuf, sql);
             match conn.flush().await {
                 Ok(()) => relay_single(conn, &mut self.client, &mut steps).await,
@@ -614,7 +706,11 @@ impl Session {
     }
 
     /// Turn a relay's result into "did the statement succeed", handling broken shards.
-    pub fn finish_relay(&mut self, shards: &[ShardId], result: Result<crate::merge::Outcome, RelayError>) -> Result<bool, SessionError> {
+    pub fn finish_relay(
+        &mut self,
+        shards: &[ShardId],
+        result: Result<crate::merge::Outcome, RelayError>,
+    ) -> Result<bool, SessionError> {
         match result {
             Ok(out) => {
                 if out.error {
@@ -628,7 +724,11 @@ impl Session {
             Err(RelayError::Client(e)) => Err(SessionError::Client(e)),
             Err(RelayError::Backend(e)) => {
                 tracing::warn!(error = %e, "shard connection failed mid-statement");
-                let broken: Vec<ShardId> = shards.iter().copied().filter(|s| self.held.get(s).is_some_and(|c| c.broken)).collect();
+                let broken: Vec<ShardId> = shards
+                    .iter()
+                    .copied()
+                    .filter(|s| self.held.get(s).is_some_and(|c| c.broken))
+                    .collect();
                 for s in broken {
                     self.drop_conn(s);
                 }
@@ -665,7 +765,11 @@ impl Session {
 fn ends_failed_block(stmt: &StatementPlan) -> bool {
     match stmt.kind {
         StatementKind::Commit | StatementKind::Rollback => true,
-        StatementKind::Savepoint => stmt.text.trim_start().to_ascii_lowercase().starts_with("rollback"),
+        StatementKind::Savepoint => stmt
+            .text
+            .trim_start()
+            .to_ascii_lowercase()
+            .starts_with("rollback"),
         _ => false,
     }
 }

@@ -89,7 +89,11 @@ impl Settings {
 
 /// `SET "name" TO 'value'` with both parts quoted.
 pub fn set_sql(name: &str, value: &str) -> String {
-    format!("SET \"{}\" TO '{}'", name.replace('"', "\"\""), value.replace('\'', "''"))
+    format!(
+        "SET \"{}\" TO '{}'",
+        name.replace('"', "\"\""),
+        value.replace('\'', "''")
+    )
 }
 
 /// `-c name=value` / `--name=value` pairs of the `options` startup parameter
@@ -143,7 +147,10 @@ mod tests {
             ("user".into(), "app".into()),
             ("database".into(), "app".into()),
             ("application_name".into(), "psql".into()),
-            ("options".into(), "-c search_path=a,b --statement-timeout=5s -c x=it\\'s\\ ok".into()),
+            (
+                "options".into(),
+                "-c search_path=a,b --statement-timeout=5s -c x=it\\'s\\ ok".into(),
+            ),
         ]);
         assert_eq!(
             s.apply_sql(),

@@ -30,7 +30,11 @@ pub async fn handshake(client: &mut ClientConn, shared: &Shared) -> Result<Hands
         let pkt = match client.read_startup().await {
             Ok(p) => p,
             Err(ClientError::Startup(e)) => {
-                fatal(client, PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())).await?;
+                fatal(
+                    client,
+                    PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
+                )
+                .await?;
                 return Ok(Handshake::Done);
             }
             Err(e) => return Err(e),
@@ -40,7 +44,14 @@ pub async fn handshake(client: &mut ClientConn, shared: &Shared) -> Result<Hands
                 if client.has_pending_input() {
                     // Data after SSLRequest before our answer would be read as if it
                     // came over TLS; PostgreSQL refuses this too (CVE-2021-23214).
-                    fatal(client, PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "received unencrypted data after SSL request")).await?;
+                    fatal(
+                        client,
+                        PgError::fatal(
+                            sqlstate::PROTOCOL_VIOLATION,
+                            "received unencrypted data after SSL request",
+                        ),
+                    )
+                    .await?;
                     return Ok(Handshake::Done);
                 }
                 client.write_now(b"N").await?;
@@ -54,7 +65,9 @@ pub async fn handshake(client: &mut ClientConn, shared: &Shared) -> Result<Hands
                 }
                 return Ok(Handshake::Done);
             }
-            StartupPacket::Startup { version, params } => return startup(client, shared, version, params).await,
+            StartupPacket::Startup { version, params } => {
+                return startup(client, shared, version, params).await
+            }
         }
     }
 }
@@ -73,24 +86,35 @@ async fn startup(
     let major = version >> 16;
     let minor = version & 0xffff;
     if major != 3 {
-        let msg = format!("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0");
+        let msg =
+            format!("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0");
         fatal(client, PgError::fatal(sqlstate::FEATURE_NOT_SUPPORTED, msg)).await?;
         return Ok(Handshake::Done);
     }
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let Some(user) = get("user").filter(|u| !u.is_empty()) else {
-        let e = PgError::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, "no PostgreSQL user name specified in startup packet");
+        let e = PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            "no PostgreSQL user name specified in startup packet",
+        );
         fatal(client, e).await?;
         return Ok(Handshake::Done);
     };
     if get("replication").is_some_and(|r| r != "false" && r != "off" && r != "0" && r != "no") {
-        let e = PgError::fatal(sqlstate::FEATURE_NOT_SUPPORTED, "replication connections are not supported by shardwire")
-            .with_hint("connect to a shard directly for replication");
+        let e = PgError::fatal(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "replication connections are not supported by shardwire",
+        )
+        .with_hint("connect to a shard directly for replication");
         fatal(client, e).await?;
         return Ok(Handshake::Done);
     }
     // Minor versions above 3.0 and _pq_ options: say what we speak, as PostgreSQL does.
-    let unknown_opts: Vec<&str> = params.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with("_pq_.")).collect();
+    let unknown_opts: Vec<&str> = params
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| k.starts_with("_pq_."))
+        .collect();
     if minor > 0 || !unknown_opts.is_empty() {
         let at = messages::begin(&mut client.wbuf, b'v');
         client.wbuf.put_i32(PROTOCOL_MINOR);
@@ -100,21 +124,32 @@ async fn startup(
         }
         messages::finish(&mut client.wbuf, at);
     }
-    let database = get("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    let database = get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
 
     // Authenticate before saying anything about the database, as PostgreSQL does.
     let verifier = shared.users.get(&user).map(|u| u.verifier.clone());
     let known = verifier.is_some();
     let verifier = verifier.unwrap_or_else(ScramVerifier::impossible);
     if !authenticate(client, verifier).await? || !known {
-        let e = PgError::fatal(sqlstate::INVALID_PASSWORD, format!("password authentication failed for user \"{user}\""));
+        let e = PgError::fatal(
+            sqlstate::INVALID_PASSWORD,
+            format!("password authentication failed for user \"{user}\""),
+        );
         fatal(client, e).await?;
         tracing::info!(user = %user, peer = %client.peer(), "authentication failed");
         return Ok(Handshake::Done);
     }
     if database != shared.database {
-        let e = PgError::fatal(sqlstate::INVALID_CATALOG_NAME, format!("database \"{database}\" does not exist"))
-            .with_hint(format!("this router serves database \"{}\"", shared.database));
+        let e = PgError::fatal(
+            sqlstate::INVALID_CATALOG_NAME,
+            format!("database \"{database}\" does not exist"),
+        )
+        .with_hint(format!(
+            "this router serves database \"{}\"",
+            shared.database
+        ));
         fatal(client, e).await?;
         return Ok(Handshake::Done);
     }
@@ -125,7 +160,10 @@ async fn startup(
 const PROTOCOL_MINOR: i32 = 0;
 
 /// SCRAM-SHA-256 exchange; `Ok(false)` if the client failed it (message not yet sent).
-async fn authenticate(client: &mut ClientConn, verifier: ScramVerifier) -> Result<bool, ClientError> {
+async fn authenticate(
+    client: &mut ClientConn,
+    verifier: ScramVerifier,
+) -> Result<bool, ClientError> {
     messages::authentication(&mut client.wbuf, 10, b"SCRAM-SHA-256\0\0");
     client.flush().await?;
     let first = client.read_raw().await?;
@@ -162,12 +200,11 @@ async fn authenticate(client: &mut ClientConn, verifier: ScramVerifier) -> Resul
 /// client's own startup settings and identity on top.
 pub fn greeting(shared: &Shared, g: &Greeted, pid: i32, secret: i32, out: &mut BytesMut) {
     let mut params = shared.server_params();
-    let mut set = |k: &str, v: &str| {
-        match params.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(k)) {
+    let mut set =
+        |k: &str, v: &str| match params.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(k)) {
             Some(p) => p.1 = v.to_owned(),
             None => params.push((k.to_owned(), v.to_owned())),
-        }
-    };
+        };
     set("session_authorization", &g.user);
     set("is_superuser", "off");
     for (k, v) in &g.params {

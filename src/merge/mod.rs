@@ -101,7 +101,13 @@ pub enum RelayError {
 /// Drop queued steps up to (not including) the next Sync; returns whether one was found.
 fn skip_to_sync(steps: &mut std::collections::VecDeque<Step>) -> bool {
     while let Some(s) = steps.front() {
-        if matches!(s, Step::Server { kind: StepKind::Sync, .. }) {
+        if matches!(
+            s,
+            Step::Server {
+                kind: StepKind::Sync,
+                ..
+            }
+        ) {
             return true;
         }
         steps.pop_front();

@@ -97,11 +97,18 @@ pub async fn relay_multi(
                     }
                     b'G' | b'H' => {
                         acc.refusal.get_or_insert_with(|| {
-                            PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, "COPY across shards is not supported")
-                                .with_hint("COPY into or out of each shard directly")
+                            PgError::error(
+                                sqlstate::FEATURE_NOT_SUPPORTED,
+                                "COPY across shards is not supported",
+                            )
+                            .with_hint("COPY into or out of each shard directly")
                         });
                         if tag == b'G' {
-                            messages::cstr_message(&mut conn.wbuf, b'f', &["COPY across shards is not supported"]);
+                            messages::cstr_message(
+                                &mut conn.wbuf,
+                                b'f',
+                                &["COPY across shards is not supported"],
+                            );
                             conn.flush().await?;
                         }
                     }
@@ -185,7 +192,9 @@ impl StepAccumulator {
         if let Some(t) = &self.plain_tag {
             return Some(t.clone());
         }
-        self.tag_prefix.as_ref().map(|p| format!("{p} {}", self.count))
+        self.tag_prefix
+            .as_ref()
+            .map(|p| format!("{p} {}", self.count))
     }
 }
 
@@ -234,8 +243,14 @@ mod tests {
 
     #[test]
     fn shapes_ignore_table_oids_but_not_types() {
-        assert_eq!(row_shape(&rowdesc(16384, 20)), row_shape(&rowdesc(16999, 20)));
-        assert_ne!(row_shape(&rowdesc(16384, 20)), row_shape(&rowdesc(16384, 23)));
+        assert_eq!(
+            row_shape(&rowdesc(16384, 20)),
+            row_shape(&rowdesc(16999, 20))
+        );
+        assert_ne!(
+            row_shape(&rowdesc(16384, 20)),
+            row_shape(&rowdesc(16384, 23))
+        );
     }
 
     #[test]

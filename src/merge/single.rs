@@ -90,7 +90,11 @@ async fn copy_in(conn: &mut ServerConn, client: &mut ClientConn) -> Result<(), R
             b'H' | b'S' => {}
             _ => {
                 // Anything else aborts the copy on the server.
-                crate::protocol::messages::cstr_message(&mut conn.wbuf, b'f', &["unexpected message during COPY"]);
+                crate::protocol::messages::cstr_message(
+                    &mut conn.wbuf,
+                    b'f',
+                    &["unexpected message during COPY"],
+                );
                 conn.flush().await?;
                 return Ok(());
             }

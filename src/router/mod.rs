@@ -20,18 +20,28 @@ impl Router {
             .split(';')
             .filter(|s| !s.trim().is_empty())
             .map(|s| {
-                let first = s.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+                let first = s
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_lowercase();
                 let kind = match first.as_str() {
                     "begin" | "start" => StatementKind::Begin,
                     "commit" | "end" => StatementKind::Commit,
                     "rollback" | "abort" => StatementKind::Rollback,
-                    "set" => StatementKind::Set { name: s.split_whitespace().nth(1).unwrap_or("").to_lowercase(), local: false },
+                    "set" => StatementKind::Set {
+                        name: s.split_whitespace().nth(1).unwrap_or("").to_lowercase(),
+                        local: false,
+                    },
                     "reset" => StatementKind::Reset { name: None },
                     "show" => StatementKind::Show,
                     "discard" => StatementKind::Discard,
                     _ => StatementKind::Query,
                 };
-                StatementPlan { text: s.to_owned(), kind }
+                StatementPlan {
+                    text: s.to_owned(),
+                    kind,
+                }
             })
             .collect();
         Ok(Arc::new(QueryPlan { statements }))
@@ -66,7 +76,10 @@ impl StatementPlan {
         false
     }
     pub fn route(&self, topology: &Topology, _params: &[Param<'_>]) -> Result<Routed, RouteError> {
-        Ok(Routed { route: Route::Shard(topology.default_shard), reason: "stub".into() })
+        Ok(Routed {
+            route: Route::Shard(topology.default_shard),
+            reason: "stub".into(),
+        })
     }
 }
 
@@ -84,7 +97,10 @@ pub struct Routed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     Shard(ShardId),
-    Multi { shards: Vec<ShardId>, merge: MergePlan },
+    Multi {
+        shards: Vec<ShardId>,
+        merge: MergePlan,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
