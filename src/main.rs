@@ -65,11 +65,86 @@ fn main() -> ExitCode {
             config,
             list_shards,
         } => check(&config, list_shards),
-        Command::Route { .. } => {
-            eprintln!("route: not built yet");
-            ExitCode::FAILURE
+        Command::Route {
+            config,
+            sql,
+            params,
+        } => route(&config, &sql, &params),
+    }
+}
+
+/// `shardwire route`: explain where each statement of `sql` would go.
+fn route(path: &std::path::Path, sql: &str, params: &[String]) -> ExitCode {
+    let cfg = match Config::load(path) {
+        Ok(cfg) => cfg,
+        Err(err) => {
+            for line in err.errors() {
+                eprintln!("error: {line}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let topology = match build::build(&cfg) {
+        Ok(t) => std::sync::Arc::new(t),
+        Err(errs) => {
+            for e in errs {
+                eprintln!("error: {e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let router = shardwire::router::Router::new(topology.clone());
+    let plan = match router.plan(sql) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ERROR {}: {}", e.sqlstate(), e.message());
+            if let Some(h) = e.hint() {
+                eprintln!("HINT: {h}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let bound: Vec<shardwire::router::Param<'_>> = params
+        .iter()
+        .map(|p| shardwire::router::Param {
+            value: Some(p.as_bytes()),
+            binary: false,
+            type_oid: 0,
+        })
+        .collect();
+    let mut status = ExitCode::SUCCESS;
+    for stmt in &plan.statements {
+        if plan.statements.len() > 1 {
+            println!("{}", stmt.text.trim());
+        }
+        match stmt.route(&topology, &bound) {
+            Ok(r) => {
+                let target = match &r.route {
+                    shardwire::router::Route::Shard(s) => {
+                        format!("shard {}", topology.shards[*s].name)
+                    }
+                    shardwire::router::Route::Multi { shards, merge } => format!(
+                        "shards {} ({merge:?})",
+                        shards
+                            .iter()
+                            .map(|s| topology.shards[*s].name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                };
+                println!("route: {target}");
+                println!("reason: {}", r.reason);
+            }
+            Err(e) => {
+                println!("ERROR {}: {}", e.sqlstate(), e.message());
+                if let Some(h) = e.hint() {
+                    println!("HINT: {h}");
+                }
+                status = ExitCode::FAILURE;
+            }
         }
     }
+    status
 }
 
 /// `shardwire serve`: run the router until SIGINT/SIGTERM.

@@ -52,6 +52,9 @@ pub struct ServerConn {
     pub prepared: HashSet<u64>,
     /// Fingerprint of the session settings applied to this connection (0: none).
     pub settings: u64,
+    /// Messages were sent and their ReadyForQuery has not been read yet; such a
+    /// connection must never go back to the pool.
+    pub in_flight: bool,
 }
 
 impl ServerConn {
@@ -96,6 +99,7 @@ impl ServerConn {
             broken: false,
             prepared: HashSet::new(),
             settings: 0,
+            in_flight: false,
         };
         // StartupMessage
         let mut b = BytesMut::new();
@@ -232,6 +236,7 @@ impl ServerConn {
                 Ok(Some(f)) => {
                     if f[0] == b'Z' {
                         self.status = f.get(5).copied().unwrap_or(b'I');
+                        self.in_flight = false;
                     }
                     return Ok(f);
                 }
@@ -277,6 +282,7 @@ impl ServerConn {
         if self.wbuf.is_empty() {
             return Ok(());
         }
+        self.in_flight = true;
         if let Err(e) = self.stream.write_all(&self.wbuf).await {
             self.broken = true;
             return Err(BackendError::Lost {
@@ -306,7 +312,11 @@ impl ServerConn {
 
     /// Whether the connection may go back to the pool.
     pub fn reusable(&self) -> bool {
-        !self.broken && self.status == b'I' && self.rbuf.is_empty() && self.wbuf.is_empty()
+        !self.broken
+            && !self.in_flight
+            && self.status == b'I'
+            && self.rbuf.is_empty()
+            && self.wbuf.is_empty()
     }
 }
 
