@@ -1,131 +1,340 @@
-//! router (temporary stub with the final API; replaced by the pg_query router)
+//! The router: decides which shard(s) each statement goes to.
+//!
+//! `Router::plan` parses a query string once (PostgreSQL's grammar via pg_query) into a
+//! cached, parameter-independent `QueryPlan`; `StatementPlan::route` then evaluates one
+//! statement against the topology and the Bind parameters and returns a `Route`, or a
+//! `RouteError` when the router cannot guarantee a correct result (principle #1).
+//!
+//! Owns: SQL analysis (`analyze`), shard-key evaluation (`route`), the plan cache, the
+//! router's SQLSTATEs. Does not own: sending, merging, transactions (the proxy), or
+//! placement arithmetic (the topology).
+//!
+//! Routing in short (details and the reasons in `route.rs`):
+//! - tables in `Topology::tables` are sharded, `reference_tables` copied everywhere,
+//!   anything else (catalogs included) lives on the default shard;
+//! - conditions on the key (`=`, `IN`, `= ANY`, ranges for range distributions, AND,
+//!   OR) pick shards; tables joined on their key columns within one distribution are
+//!   co-located and routed together;
+//! - a statement over several shards is allowed only when the per-shard results can be
+//!   concatenated (plain SELECT, UPDATE/DELETE); otherwise it is refused with 0A000;
+//! - writes to reference tables and DDL on sharded/reference tables go to all shards
+//!   with `MergePlan::Replicated`.
 
-use std::sync::Arc;
+mod analyze;
+mod error;
+mod lexer;
+mod parse;
+mod route;
+mod shape;
+pub mod sqlstate;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub use error::RouteError;
 
 use crate::topology::{ShardId, Topology};
+use lexer::LitSpan;
+use route::LitValue;
+use shape::StmtShape;
 
+/// Plan-cache capacity, per map (exact text and normalized text).
+const CACHE_CAPACITY: usize = 10_000;
+
+/// One statement's text and its routing decision (see `Router::explain`).
+pub type Explained = (String, Result<Routed, RouteError>);
+
+/// Parses and caches statements; shared by all client sessions (`&self`, thread-safe).
 pub struct Router {
+    /// The topology plans are routed against by default. A new topology means a new
+    /// `Router` (with an empty cache); plans themselves are topology-independent, so a
+    /// plan routed with a newer topology is still correct.
     topology: Arc<Topology>,
+    cache: Mutex<PlanCache>,
 }
 
-impl Router {
-    pub fn new(topology: Arc<Topology>) -> Router {
-        Router { topology }
-    }
-    pub fn topology(&self) -> &Arc<Topology> {
-        &self.topology
-    }
-    pub fn plan(&self, sql: &str) -> Result<Arc<QueryPlan>, RouteError> {
-        let statements = sql
-            .split(';')
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| {
-                let first = s
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_ascii_lowercase();
-                let kind = match first.as_str() {
-                    "begin" | "start" => StatementKind::Begin,
-                    "commit" | "end" => StatementKind::Commit,
-                    "rollback" | "abort" => StatementKind::Rollback,
-                    "set" => StatementKind::Set {
-                        name: s.split_whitespace().nth(1).unwrap_or("").to_lowercase(),
-                        local: false,
-                    },
-                    "reset" => StatementKind::Reset { name: None },
-                    "show" => StatementKind::Show,
-                    "discard" => StatementKind::Discard,
-                    _ => StatementKind::Query,
-                };
-                StatementPlan {
-                    text: s.to_owned(),
-                    kind,
-                }
-            })
-            .collect();
-        Ok(Arc::new(QueryPlan { statements }))
-    }
+/// Two maps: exact text → plan (a hit costs one lookup), and normalized text → the
+/// shared analysis (a hit costs a lexer pass, no parse).
+struct PlanCache {
+    /// The topology version the entries were made under.
+    version: u64,
+    exact: HashMap<String, Arc<QueryPlan>>,
+    shapes: HashMap<String, Arc<SharedPlan>>,
 }
 
+/// The analysis shared by all query strings with the same normalized text.
+struct SharedPlan {
+    statements: Vec<SharedStatement>,
+    /// The literal spans of the text the analysis was made from.
+    lits: Vec<LitSpan>,
+}
+
+struct SharedStatement {
+    kind: StatementKind,
+    shape: Arc<StmtShape>,
+    /// Byte range of the statement in the analysed text.
+    start: usize,
+    end: usize,
+}
+
+/// The analysed statements of one query string.
+#[derive(Debug)]
 pub struct QueryPlan {
+    /// In order; empty for an empty query string.
     pub statements: Vec<StatementPlan>,
 }
 
+/// One analysed statement of a query string.
+#[derive(Debug, Clone)]
 pub struct StatementPlan {
+    /// This statement's own text (for sending statements one by one).
     pub text: String,
     pub kind: StatementKind,
+    /// The parameter-independent analysis (shared between texts that differ only in
+    /// literal values).
+    shape: Arc<StmtShape>,
+    /// The literal values of this query string.
+    lits: Arc<Vec<LitValue>>,
 }
 
+/// What kind of statement this is, for the proxy's session and transaction handling.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StatementKind {
+    /// SELECT/VALUES/INSERT/UPDATE/DELETE/MERGE/EXPLAIN; routed by `route()`.
     Query,
+    /// BEGIN / START TRANSACTION (any options).
     Begin,
+    /// COMMIT / END (also COMMIT AND CHAIN). PREPARE TRANSACTION has this kind but
+    /// `route()` refuses it.
     Commit,
+    /// ROLLBACK / ABORT (not ROLLBACK TO SAVEPOINT).
     Rollback,
+    /// SAVEPOINT / RELEASE / ROLLBACK TO: go to every shard the transaction touched.
     Savepoint,
+    /// SET [SESSION|LOCAL] name …; `SET TIME ZONE` is "timezone", `SET NAMES` is
+    /// "client_encoding", `SET TRANSACTION …` is "transaction" (local). Lower case.
     Set { name: String, local: bool },
+    /// RESET name / RESET ALL (`None`).
     Reset { name: Option<String> },
+    /// DISCARD ALL/PLANS/SEQUENCES/TEMP, and DEALLOCATE ALL.
     Discard,
+    /// SHOW x: default shard.
     Show,
+    /// Any other utility statement (DDL, COPY, DO, CALL, …): routed by `route()`.
     Other,
 }
 
-impl StatementPlan {
-    pub fn is_write(&self) -> bool {
-        false
-    }
-    pub fn route(&self, topology: &Topology, _params: &[Param<'_>]) -> Result<Routed, RouteError> {
-        Ok(Routed {
-            route: Route::Shard(topology.default_shard),
-            reason: "stub".into(),
-        })
-    }
-}
-
+/// One Bind parameter as the client sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Param<'a> {
+    /// `None` is SQL NULL.
     pub value: Option<&'a [u8]>,
+    /// Binary format (else text).
     pub binary: bool,
+    /// Declared type (Parse message); 0 = unspecified.
     pub type_oid: u32,
 }
 
+/// A routing decision with its explanation.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routed {
     pub route: Route,
+    /// Human text for `shardwire route` and logs: table, key, slot, shard names.
     pub reason: String,
 }
 
+/// Where a statement goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
+    /// Exactly one shard.
     Shard(ShardId),
+    /// Two or more shards (sorted), sent concurrently; results combined per `merge`.
     Multi {
         shards: Vec<ShardId>,
         merge: MergePlan,
     },
 }
 
+/// How the proxy combines the results of a multi-shard statement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MergePlan {
+    /// Rows of all shards in any order; CommandComplete counts summed.
     Concat,
+    /// The same write applied on every shard (reference tables, DDL): report the first
+    /// shard's result (rows and count) as the statement's result, after checking all
+    /// shards succeeded.
     Replicated,
 }
 
-#[derive(Debug, Clone)]
-pub struct RouteError {
-    sqlstate: &'static str,
-    message: String,
+impl StatementPlan {
+    /// Whether the statement writes: INSERT/UPDATE/DELETE/MERGE, DDL, SELECT … FOR
+    /// UPDATE/SHARE, data-modifying CTEs, COPY FROM, DO/CALL.
+    pub fn is_write(&self) -> bool {
+        self.shape.write
+    }
+
+    /// Decide where this statement goes given Bind parameters (`$1` = `params[0]`).
+    pub fn route(&self, topology: &Topology, params: &[Param<'_>]) -> Result<Routed, RouteError> {
+        route::route_statement(&self.shape, &self.lits, topology, params)
+    }
 }
 
-impl RouteError {
-    pub fn sqlstate(&self) -> &'static str {
-        self.sqlstate
+impl Router {
+    pub fn new(topology: Arc<Topology>) -> Router {
+        let version = topology.version;
+        Router {
+            topology,
+            cache: Mutex::new(PlanCache {
+                version,
+                exact: HashMap::new(),
+                shapes: HashMap::new(),
+            }),
+        }
     }
-    pub fn message(&self) -> &str {
-        &self.message
+
+    pub fn topology(&self) -> &Arc<Topology> {
+        &self.topology
     }
-    pub fn hint(&self) -> Option<&str> {
-        None
+
+    /// Parse (or fetch from cache) a query string that may hold several statements.
+    /// A syntax error is a `RouteError` with SQLSTATE 42601 and the 1-based position.
+    pub fn plan(&self, sql: &str) -> Result<Arc<QueryPlan>, RouteError> {
+        let version = self.topology.version;
+        if let Some(p) = self.with_cache(version, |c| c.exact.get(sql).cloned()) {
+            return Ok(p);
+        }
+        let norm = lexer::normalize(sql);
+        let lits: Vec<LitValue> = norm
+            .as_ref()
+            .map(|n| {
+                n.lits
+                    .iter()
+                    .map(|s| LitValue {
+                        text: lexer::literal_value(sql, s),
+                        string: s.string,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(n) = &norm {
+            if let Some(shared) = self.with_cache(version, |c| c.shapes.get(&n.key).cloned()) {
+                let plan = Arc::new(instantiate(&shared, sql, &n.lits, lits));
+                self.with_cache(version, |c| insert_bounded(&mut c.exact, sql, &plan));
+                return Ok(plan);
+            }
+        }
+
+        let parsed = parse::parse(sql)?;
+        let spans: &[LitSpan] = norm.as_ref().map(|n| n.lits.as_slice()).unwrap_or(&[]);
+        let mut shareable = norm.is_some();
+        let mut shared = Vec::with_capacity(parsed.protobuf.stmts.len());
+        for raw in &parsed.protobuf.stmts {
+            let start = usize::try_from(raw.stmt_location)
+                .unwrap_or(0)
+                .min(sql.len());
+            let end = match usize::try_from(raw.stmt_len) {
+                Ok(0) | Err(_) => sql.len(),
+                Ok(len) => start.saturating_add(len).min(sql.len()),
+            };
+            let Some(node) = raw.stmt.as_deref().and_then(|n| n.node.as_ref()) else {
+                continue;
+            };
+            let (kind, shape) = analyze::analyze_statement(node, sql, spans, &mut shareable);
+            shared.push(SharedStatement {
+                kind,
+                shape: Arc::new(shape),
+                start,
+                end,
+            });
+        }
+        let shared = SharedPlan {
+            statements: shared,
+            lits: spans.to_vec(),
+        };
+        let plan = Arc::new(instantiate(&shared, sql, spans, lits));
+        self.with_cache(version, |c| {
+            insert_bounded(&mut c.exact, sql, &plan);
+            if let (true, Some(n)) = (shareable, norm) {
+                insert_bounded(&mut c.shapes, &n.key, &Arc::new(shared));
+            }
+        });
+        Ok(plan)
     }
-    pub fn position(&self) -> Option<u32> {
-        None
+
+    /// Plan and route every statement of `sql` without parameters (for `shardwire
+    /// route` and logs).
+    pub fn explain(&self, sql: &str) -> Result<Vec<Explained>, RouteError> {
+        let plan = self.plan(sql)?;
+        Ok(plan
+            .statements
+            .iter()
+            .map(|s| (s.text.clone(), s.route(&self.topology, &[])))
+            .collect())
     }
+
+    fn with_cache<T>(&self, version: u64, f: impl FnOnce(&mut PlanCache) -> T) -> T {
+        // A poisoned lock only means another thread panicked mid-insert; the maps are
+        // still valid, so keep using them.
+        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if c.version != version {
+            c.exact.clear();
+            c.shapes.clear();
+            c.version = version;
+        }
+        f(&mut c)
+    }
+}
+
+/// Insert, evicting an arbitrary eighth of the entries when full.
+fn insert_bounded<T>(map: &mut HashMap<String, Arc<T>>, key: &str, value: &Arc<T>) {
+    if map.len() >= CACHE_CAPACITY {
+        let victims: Vec<String> = map.keys().take(CACHE_CAPACITY / 8).cloned().collect();
+        for v in victims {
+            map.remove(&v);
+        }
+    }
+    map.insert(key.to_owned(), Arc::clone(value));
+}
+
+/// A plan for `sql` from a shared analysis. `new_spans` are `sql`'s literal spans; they
+/// pair one-to-one with `shared.lits` because the normalized texts are equal.
+fn instantiate(
+    shared: &SharedPlan,
+    sql: &str,
+    new_spans: &[LitSpan],
+    lits: Vec<LitValue>,
+) -> QueryPlan {
+    let lits = Arc::new(lits);
+    // Statement boundaries never fall inside a literal, so an offset moves by the
+    // length change of every literal before it.
+    let shift = |off: usize| -> usize {
+        let mut delta: isize = 0;
+        for (old, new) in shared.lits.iter().zip(new_spans) {
+            if old.end > off {
+                break;
+            }
+            delta += (new.end - new.start) as isize - (old.end - old.start) as isize;
+        }
+        off.saturating_add_signed(delta).min(sql.len())
+    };
+    let statements = shared
+        .statements
+        .iter()
+        .map(|s| {
+            let (start, end) = (shift(s.start), shift(s.end));
+            let text = sql.get(start..end).unwrap_or("").trim();
+            let text = text.strip_suffix(';').unwrap_or(text).trim_end();
+            StatementPlan {
+                text: text.to_owned(),
+                kind: s.kind.clone(),
+                shape: Arc::clone(&s.shape),
+                lits: Arc::clone(&lits),
+            }
+        })
+        .collect();
+    QueryPlan { statements }
 }

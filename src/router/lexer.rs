@@ -1,0 +1,298 @@
+//! A small SQL lexer that finds the plain literals of a query string, so that queries
+//! differing only in literal values (`WHERE user_id = 5` / `= 6`) share one cached
+//! analysis without running PostgreSQL's parser again.
+//!
+//! It recognises only what it must to find literals safely: comments (nested `/* */`),
+//! quoted identifiers, dollar-quoted strings, prefixed strings (`E'..'`, `B'..'`,
+//! `X'..'`, `U&'..'`, `N'..'`), parameters (`$1`) and numbers. Only unprefixed `'...'`
+//! strings and numbers become literals; everything else stays verbatim in the key. When
+//! in doubt it declines (`None`), and the caller falls back to the exact-text cache.
+//! It must never decide routing by itself: the analysis that the key shares was made by
+//! PostgreSQL's grammar from a text with the same key.
+
+/// One literal of the query string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LitSpan {
+    /// Byte offset of the literal's first byte (the quote, or the first digit).
+    pub start: usize,
+    /// Byte offset one past the literal.
+    pub end: usize,
+    /// `'...'` string (true) or number (false).
+    pub string: bool,
+}
+
+/// A query string with its literals cut out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Normalized {
+    /// The text with every literal replaced by a marker naming its class.
+    pub key: String,
+    pub lits: Vec<LitSpan>,
+}
+
+/// Marker byte for a literal in `Normalized::key`; a query containing it is not
+/// normalized, so a marker in the key always stands for a literal.
+const MARK: char = '\u{1}';
+
+fn is_ident_start(b: u8) -> bool {
+    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
+}
+
+fn is_ident_char(b: u8) -> bool {
+    is_ident_start(b) || b.is_ascii_digit() || b == b'$'
+}
+
+/// Lex `sql`; `None` when the text holds something the lexer will not vouch for.
+pub(crate) fn normalize(sql: &str) -> Option<Normalized> {
+    let b = sql.as_bytes();
+    if sql.contains(MARK) {
+        return None;
+    }
+    let mut key = String::with_capacity(sql.len());
+    let mut lits = Vec::new();
+    let mut i = 0;
+    let mut copied = 0; // bytes of `sql` already reflected in `key`
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => i = skip_block_comment(b, i)?,
+            b'"' => i = skip_quoted(b, i, b'"')?,
+            b'\'' => {
+                let end = skip_quoted(b, i, b'\'')?;
+                if continues_string(b, end) {
+                    return None;
+                }
+                key.push_str(&sql[copied..i]);
+                key.push(MARK);
+                key.push('s');
+                lits.push(LitSpan {
+                    start: i,
+                    end,
+                    string: true,
+                });
+                copied = end;
+                i = end;
+            }
+            b'$' => {
+                if b.get(i + 1).is_some_and(u8::is_ascii_digit) {
+                    i += 1;
+                    while i < b.len() && b[i].is_ascii_digit() {
+                        i += 1;
+                    }
+                } else {
+                    i = skip_dollar_quoted(b, i)?;
+                }
+            }
+            _ if c.is_ascii_digit()
+                || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit)) =>
+            {
+                let start = i;
+                i += 1;
+                while i < b.len() {
+                    let d = b[i];
+                    let exponent_sign = (d == b'+' || d == b'-')
+                        && matches!(b[i - 1], b'e' | b'E')
+                        && b.get(i + 1).is_some_and(u8::is_ascii_digit);
+                    if d.is_ascii_alphanumeric() || d == b'_' || d == b'.' || exponent_sign {
+                        i += 1;
+                    } else {
+                        break;
+                    }
+                }
+                key.push_str(&sql[copied..start]);
+                key.push(MARK);
+                key.push('n');
+                lits.push(LitSpan {
+                    start,
+                    end: i,
+                    string: false,
+                });
+                copied = i;
+            }
+            _ if is_ident_start(c) => {
+                let start = i;
+                while i < b.len() && is_ident_char(b[i]) {
+                    i += 1;
+                }
+                let word = &b[start..i];
+                if b.get(i) == Some(&b'\'') {
+                    // A prefixed string constant: E'..' allows backslash escapes.
+                    let end = if word.eq_ignore_ascii_case(b"e") {
+                        skip_escape_string(b, i)?
+                    } else {
+                        skip_quoted(b, i, b'\'')?
+                    };
+                    if continues_string(b, end) {
+                        return None;
+                    }
+                    i = end;
+                } else if word.eq_ignore_ascii_case(b"u") && b.get(i) == Some(&b'&') {
+                    // U&'..' or U&"..": verbatim.
+                    match b.get(i + 1) {
+                        Some(&q @ (b'\'' | b'"')) => i = skip_quoted(b, i + 1, q)?,
+                        _ => i += 1,
+                    }
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    key.push_str(&sql[copied..]);
+    Some(Normalized { key, lits })
+}
+
+/// Skip a `q`-quoted token starting at `i` (doubled quotes escape); offset past it.
+fn skip_quoted(b: &[u8], i: usize, q: u8) -> Option<usize> {
+    let mut j = i + 1;
+    loop {
+        match b.get(j) {
+            None => return None,
+            Some(&c) if c == q => {
+                if b.get(j + 1) == Some(&q) {
+                    j += 2;
+                } else {
+                    return Some(j + 1);
+                }
+            }
+            Some(_) => j += 1,
+        }
+    }
+}
+
+fn skip_escape_string(b: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    loop {
+        match b.get(j) {
+            None => return None,
+            Some(b'\\') => j += 2,
+            Some(b'\'') => {
+                if b.get(j + 1) == Some(&b'\'') {
+                    j += 2;
+                } else {
+                    return Some(j + 1);
+                }
+            }
+            Some(_) => j += 1,
+        }
+    }
+}
+
+fn skip_block_comment(b: &[u8], i: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut j = i;
+    while j + 1 < b.len() {
+        if b[j] == b'/' && b[j + 1] == b'*' {
+            depth += 1;
+            j += 2;
+        } else if b[j] == b'*' && b[j + 1] == b'/' {
+            depth -= 1;
+            j += 2;
+            if depth == 0 {
+                return Some(j);
+            }
+        } else {
+            j += 1;
+        }
+    }
+    None
+}
+
+/// `$tag$ ... $tag$`; a `$` that starts no valid tag is an error for PostgreSQL too, so
+/// decline.
+fn skip_dollar_quoted(b: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    while j < b.len() && b[j] != b'$' {
+        if !(is_ident_char(b[j]) && b[j] != b'$') || (j == i + 1 && b[j].is_ascii_digit()) {
+            return None;
+        }
+        j += 1;
+    }
+    if j >= b.len() {
+        return None;
+    }
+    let tag = &b[i..=j];
+    let body = j + 1;
+    let mut k = body;
+    while k + tag.len() <= b.len() {
+        if &b[k..k + tag.len()] == tag {
+            return Some(k + tag.len());
+        }
+        k += 1;
+    }
+    None
+}
+
+/// PostgreSQL joins two string constants separated by whitespace that contains a
+/// newline (`'a'\n'b'` is `'ab'`). The lexer declines such text rather than model it.
+fn continues_string(b: &[u8], mut j: usize) -> bool {
+    loop {
+        match b.get(j) {
+            Some(c) if c.is_ascii_whitespace() => j += 1,
+            Some(b'-') if b.get(j + 1) == Some(&b'-') => {
+                while j < b.len() && b[j] != b'\n' {
+                    j += 1;
+                }
+            }
+            Some(b'/') if b.get(j + 1) == Some(&b'*') => match skip_block_comment(b, j) {
+                Some(e) => j = e,
+                None => return true,
+            },
+            Some(b'\'') => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The value of a literal span: a string with doubled quotes undone, or a number's text.
+pub(crate) fn literal_value(sql: &str, span: &LitSpan) -> String {
+    let raw = sql.get(span.start..span.end).unwrap_or("");
+    if span.string && raw.len() >= 2 {
+        raw[1..raw.len() - 1].replace("''", "'")
+    } else {
+        raw.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_are_cut_out() {
+        let n = normalize("SELECT * FROM users WHERE user_id = 42 AND name = 'o''k'").unwrap();
+        assert_eq!(
+            n.key,
+            "SELECT * FROM users WHERE user_id = \u{1}n AND name = \u{1}s"
+        );
+        assert_eq!(n.lits.len(), 2);
+        let sql = "SELECT * FROM users WHERE user_id = 42 AND name = 'o''k'";
+        assert_eq!(literal_value(sql, &n.lits[1]), "o'k");
+    }
+
+    #[test]
+    fn verbatim_tokens_stay() {
+        let sql = "SELECT t1.a, $1, $$x 5$$, E'\\'5', \"c 7\" /* 8 /* 9 */ */ -- 10\n FROM t2";
+        let n = normalize(sql).unwrap();
+        assert!(n.lits.is_empty(), "{n:?}");
+        assert_eq!(n.key, sql);
+    }
+
+    #[test]
+    fn declines_what_it_cannot_vouch_for() {
+        assert!(normalize("SELECT 'a'\n'b'").is_none());
+        assert!(normalize("SELECT 'open").is_none());
+        assert!(normalize("SELECT \u{1}").is_none());
+        assert!(normalize("SELECT /* open").is_none());
+    }
+
+    #[test]
+    fn numbers_with_exponents() {
+        let n = normalize("SELECT 1e-5, 3.5, .5, 0x1F").unwrap();
+        assert_eq!(n.lits.len(), 4);
+        assert_eq!(n.key, "SELECT \u{1}n, \u{1}n, \u{1}n, \u{1}n");
+    }
+}
