@@ -19,6 +19,17 @@
 //!   concatenated (plain SELECT, UPDATE/DELETE); otherwise it is refused with 0A000;
 //! - writes to reference tables and DDL on sharded/reference tables go to all shards
 //!   with `MergePlan::Replicated`.
+//!
+//! Known gaps (all fail safe: refused or sent wider, never silently narrowed):
+//! - user-defined aggregates are not recognised as aggregates (only built-in names and
+//!   `*`/`DISTINCT`/`ORDER BY`/`FILTER` calls are); a fan-out of one would concat;
+//! - functions, views, triggers and DO blocks can read sharded tables the router
+//!   cannot see; DO and CALL go to the default shard;
+//! - `DROP INDEX name` cannot tell which table the index belongs to: default shard;
+//! - INSERT … SELECT, MERGE and INSERT in a CTE into sharded tables are refused;
+//! - co-location is proven only by key equalities in WHERE/ON/USING between tables
+//!   (not through derived-table aliases), anything else spanning shards is refused;
+//! - string literals are read with `standard_conforming_strings = on`.
 
 mod analyze;
 mod error;
