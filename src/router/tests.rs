@@ -310,7 +310,8 @@ fn routing_table() {
         ("SELECT * FROM users u JOIN countries c ON c.code = u.country WHERE u.user_id = 5", vec![], Keys(USERS, vec![int(5)])),
         ("SELECT * FROM users u JOIN countries c ON c.code = u.country", vec![], AllOf(USERS)),
         ("SELECT * FROM countries", vec![], Shard(0)),
-        ("SELECT * FROM users u JOIN accounts a ON a.owner = u.user_id WHERE u.user_id = 5 AND a.account_id = 5", vec![], Keys(USERS, vec![int(5)])),
+        // user 2 hashes to a slot of s0 (hashint8extended), where account 5 also lives.
+        ("SELECT * FROM users u JOIN accounts a ON a.owner = u.user_id WHERE u.user_id = 2 AND a.account_id = 5", vec![], Keys(USERS, vec![int(2)])),
         ("SELECT * FROM users u JOIN accounts a ON a.owner = u.user_id", vec![], Err(UNSUPPORTED, "different distributions")),
         ("SELECT * FROM accounts a JOIN settings s ON s.id = a.owner WHERE a.account_id = 1500", vec![], Err(UNSUPPORTED, "unsharded table settings")),
         ("SELECT * FROM accounts a JOIN settings s ON s.id = a.owner WHERE a.account_id = 5", vec![], Shard(0)),
