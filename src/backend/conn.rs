@@ -310,6 +310,23 @@ impl ServerConn {
         }
     }
 
+    /// Whether an idle connection has gone bad while it sat in the pool: the server
+    /// closed it or sent something unasked (a FATAL on shutdown). Costs one
+    /// non-blocking read, no round trip.
+    pub fn is_stale(&mut self) -> bool {
+        if self.broken || !self.rbuf.is_empty() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            _ => {
+                self.broken = true;
+                true
+            }
+        }
+    }
+
     /// Whether the connection may go back to the pool.
     pub fn reusable(&self) -> bool {
         !self.broken

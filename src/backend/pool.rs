@@ -155,8 +155,25 @@ impl Pools {
     }
 
     /// Check out a connection to `shard`, failing fast with the real reason if
-    /// connecting to it fails.
+    /// connecting to it fails. Idle connections the server closed meanwhile (a restart)
+    /// are dropped and replaced, up to the pool size.
     pub async fn checkout(&self, shard: ShardId) -> Result<Checkout, BackendError> {
+        let tries = self
+            .shards
+            .get(shard)
+            .map(|s| s.pool.state().connections + 1)
+            .unwrap_or(1);
+        for _ in 0..tries {
+            let mut c = self.checkout_once(shard).await?;
+            if !c.is_stale() {
+                return Ok(c);
+            }
+            tracing::debug!(shard, "dropping a pooled connection the server closed");
+        }
+        self.checkout_once(shard).await
+    }
+
+    async fn checkout_once(&self, shard: ShardId) -> Result<Checkout, BackendError> {
         let sp = self
             .shards
             .get(shard)

@@ -54,6 +54,11 @@ impl ClientConn {
         Ok(())
     }
 
+    /// Change the largest message accepted (small before authentication).
+    pub fn set_max_message(&mut self, max: u64) {
+        self.max_message = max;
+    }
+
     /// Read the untagged first packet of a connection.
     pub async fn read_startup(&mut self) -> Result<StartupPacket, ClientError> {
         loop {

@@ -28,6 +28,8 @@ use crate::topology::ShardId;
 
 /// Run a client connection from handshake to goodbye.
 pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr) {
+    // Until the client has authenticated, no message may be larger than a startup packet.
+    client.set_max_message(crate::protocol::codec::MAX_STARTUP_LEN as u64);
     let greeted = match startup::handshake(&mut client, &shared).await {
         Ok(Handshake::Session(g)) => g,
         Ok(Handshake::Done) => return,
@@ -36,6 +38,7 @@ pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr
             return;
         }
     };
+    client.set_max_message(shared.max_message);
     shared.learn_server_params().await;
     let (pid, secret, active) = shared.cancels.register();
     startup::greeting(&shared, &greeted, pid, secret, &mut client.wbuf);
@@ -274,7 +277,7 @@ impl Session {
             // Unknown until the SETs succeed.
             c.settings = u64::MAX;
             if let Some(err) = c.run_quiet(&self.settings.apply_sql()).await? {
-                return Err(StmtError::Raw(messages::raw(err.tag, &err.body)));
+                return Err(server_error(&err, &c.shard_name));
             }
             c.settings = wanted;
         }
@@ -283,7 +286,7 @@ impl Session {
             sqls.extend(txn.replay.iter().map(String::as_str));
             for sql in sqls {
                 if let Some(err) = c.run_quiet(sql).await? {
-                    return Err(StmtError::Raw(messages::raw(err.tag, &err.body)));
+                    return Err(server_error(&err, &c.shard_name));
                 }
             }
         }
@@ -758,6 +761,15 @@ impl Session {
                 Ok(false)
             }
         }
+    }
+}
+
+/// A shard's ErrorResponse (from a statement the router ran itself) for the client.
+fn server_error(err: &crate::protocol::Frame, shard: &str) -> StmtError {
+    let raw = messages::raw(err.tag, &err.body);
+    match crate::merge::client_error(&raw, shard) {
+        Some(e) => StmtError::Pg(e),
+        None => StmtError::Raw(raw),
     }
 }
 

@@ -98,6 +98,31 @@ pub enum RelayError {
     Refused(PgError),
 }
 
+/// A shard's ErrorResponse as the client should see it. A FATAL from a shard ends that
+/// shard connection, not the client's session, so it is reported as an ERROR saying the
+/// shard connection was lost (with the shard's message).
+pub(crate) fn client_error(frame: &[u8], shard: &str) -> Option<PgError> {
+    let body = frame.get(5..)?;
+    let mut severity = &b""[..];
+    for field in body.split(|b| *b == 0) {
+        if field.first() == Some(&b'S') {
+            severity = &field[1..];
+            break;
+        }
+    }
+    if severity != b"FATAL" && severity != b"PANIC" {
+        return None;
+    }
+    let (code, msg) = crate::protocol::error::summarize_error(body);
+    Some(
+        PgError::error(
+            crate::protocol::sqlstate::CONNECTION_FAILURE,
+            format!("connection to shard \"{shard}\" was lost: {msg}"),
+        )
+        .with_detail(format!("the shard reported SQLSTATE {code}")),
+    )
+}
+
 /// Drop queued steps up to (not including) the next Sync; returns whether one was found.
 fn skip_to_sync(steps: &mut std::collections::VecDeque<Step>) -> bool {
     while let Some(s) = steps.front() {

@@ -56,6 +56,15 @@ pub async fn relay_multi(
                         }
                     }
                     b'E' => {
+                        let frame = match super::client_error(&frame, &conn.shard_name) {
+                            Some(e) => {
+                                conn.broken = true;
+                                let mut b = BytesMut::new();
+                                e.encode(&mut b);
+                                b
+                            }
+                            None => frame,
+                        };
                         acc.error.get_or_insert(frame);
                         if kind.skips_to_sync() {
                             skipping[i] = true;

@@ -34,7 +34,13 @@ pub async fn relay_single(
             // Asynchronous messages: always the client's.
             b'N' | b'S' | b'A' => client.wbuf.extend_from_slice(&frame),
             b'E' => {
-                client.wbuf.extend_from_slice(&frame);
+                match super::client_error(&frame, &conn.shard_name) {
+                    Some(e) => {
+                        conn.broken = true;
+                        e.encode(&mut client.wbuf);
+                    }
+                    None => client.wbuf.extend_from_slice(&frame),
+                }
                 out.error = true;
                 out.failed_step.get_or_insert(done);
                 if kind.skips_to_sync() {
