@@ -259,7 +259,18 @@ impl Session {
 
     /// Report an error for the current statement; inside a transaction block it fails.
     pub fn fail(&mut self, e: impl Into<StmtError>) {
-        e.into().encode(&mut self.client.wbuf);
+        let e = e.into();
+        match &e {
+            StmtError::Pg(pg) => {
+                tracing::info!(code = pg.code, error = %pg.message, peer = %self.client.peer(), "statement refused")
+            }
+            StmtError::Raw(raw) => {
+                let (code, msg) =
+                    crate::protocol::error::summarize_error(raw.get(5..).unwrap_or_default());
+                tracing::info!(code = %code, error = %msg, peer = %self.client.peer(), "statement failed");
+            }
+        }
+        e.encode(&mut self.client.wbuf);
         if let Some(t) = self.txn.as_mut() {
             t.failed = true;
         }
