@@ -80,7 +80,7 @@ load_schema() {
     list="$(list_shards "$cfg")"
     while IFS=$'\t' read -r name host port db user pw; do
         [[ -n "$name" ]] || continue
-        PGPASSWORD="$pw" psql -X -q -h "$host" -p "$port" -U "$user" -d "$db" \
+        PGPASSWORD="$pw" PGOPTIONS="-c client_min_messages=warning" psql -X -q -h "$host" -p "$port" -U "$user" -d "$db" \
             -v ON_ERROR_STOP=1 -f "$REPO_ROOT/scripts/schema.sql" </dev/null >/dev/null ||
             die "could not create the schema on shard $name ($host:$port)"
         say "schema ready on shard $name ($host:$port/$db)"
