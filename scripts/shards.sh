@@ -70,7 +70,7 @@ shardwire_bin() {
     local bin="$target/release/shardwire"
     if [[ ! -x "$bin" ]] || [[ -n "$(find "$REPO_ROOT/src" "$REPO_ROOT/Cargo.toml" \
         "$REPO_ROOT/Cargo.lock" -newer "$bin" -print -quit 2>/dev/null)" ]]; then
-        say "building $bin (cargo build --release --bin shardwire)" >&2
+        say "making sure $bin is up to date (cargo build --release --bin shardwire)" >&2
         (cd "$REPO_ROOT" && cargo build --release --bin shardwire) </dev/null >&2 ||
             die "cargo build --release --bin shardwire failed"
     fi
@@ -154,6 +154,7 @@ choose_base() {
     if ! pg_can_use "$SHARDS_BASE"; then
         [[ -z "${SHARDS_DIR:-}" ]] || die "the postgres OS user cannot use SHARDS_DIR=$SHARDS_DIR"
         # Typically a repo under /root: some parent directory is not traversable.
+        say "the postgres OS user cannot reach $SHARDS_BASE; using /tmp/shardwire-shards"
         SHARDS_BASE=/tmp/shardwire-shards
         mkdir -p "$SHARDS_BASE"
         if is_root; then chown postgres: "$SHARDS_BASE"; fi
