@@ -130,7 +130,7 @@ demo_data() {
                 i, "'"'"'user " i "'"'"'", "'"'"'user" i "@example.com'"'"'"
         for (i = 1; i <= orders; i++)
             printf "INSERT INTO orders (order_id, user_id, amount, status) VALUES (%d, %d, %d.%02d, %s);\n",
-                i, (i * 7919) % users + 1, (i * 37) % 500, (i * 13) % 100,
+                i, (i * 7919) % users + 1, (i * 37 + int(i / users) * 101) % 1000, (i * 13) % 100,
                 "'"'"'" status[i % 5 + 1] "'"'"'"
         for (i = 1; i <= events; i++)
             printf "INSERT INTO events (user_id, event_id, kind, payload) VALUES (%d, %d, %s, %s);\n",
@@ -164,10 +164,11 @@ shardwire is running on $ROUTER_HOST:$ROUTER_PORT in front of 4 shards. Connect 
 
 Try:
     SELECT * FROM users WHERE user_id = 42;                       -- one shard
-    SELECT order_id, amount, status FROM orders WHERE user_id = 42 ORDER BY order_id;
-    SELECT status, count(*), sum(amount) FROM orders GROUP BY status ORDER BY status;  -- all shards
-    SELECT * FROM accounts WHERE account_id BETWEEN 990000 AND 1010000 ORDER BY account_id;
-    SELECT * FROM countries ORDER BY code;                        -- reference table
+    SELECT order_id, amount, status FROM orders WHERE user_id = 42 ORDER BY order_id;  -- one shard, any shape
+    SELECT user_id, order_id, amount FROM orders WHERE amount > 995;  -- fan-out to all shards, rows concatenated
+    SELECT count(*) FROM orders;                                  -- refused (0A000): cross-shard aggregates are not merged yet
+    SELECT * FROM accounts WHERE account_id BETWEEN 990000 AND 1010000;  -- range distribution: shards s0 and s1
+    SELECT * FROM countries ORDER BY code;                        -- reference table (any one shard)
 
 Explain a routing decision offline:
     $SHARDWIRE_BIN route --config shard-config.yaml "SELECT * FROM users WHERE user_id = 42"
