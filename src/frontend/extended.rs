@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::session::{route_error, Session, SessionError, StmtError};
+use super::session::{ends_failed_block, route_error, Session, SessionError, StmtError, Txn};
 use crate::merge::{relay_multi, relay_single, Combine, RelayError, Step, StepKind};
 use crate::protocol::messages::{self, MalformedMessage};
 use crate::protocol::{sqlstate, PgError};
@@ -51,6 +51,12 @@ impl PreparedStatement {
 pub struct Portal {
     pub statement: Arc<PreparedStatement>,
     pub target: Target,
+}
+
+impl Portal {
+    fn target_is_local(&self) -> bool {
+        self.target == Target::Local
+    }
 }
 
 /// Where a group of messages goes.
@@ -148,6 +154,10 @@ impl Session {
                 // Sync
                 self.run_groups(true).await?;
                 self.skipping = false;
+                if self.txn.as_ref().is_some_and(|t| t.implicit) {
+                    let ok = self.txn.as_ref().is_some_and(|t| !t.failed);
+                    self.end_txn(ok, false).await?;
+                }
                 self.ready().await
             }
         }
@@ -200,6 +210,10 @@ impl Session {
             return Ok(());
         };
         let portal = b.portal.to_owned();
+        if self.in_failed_block() && !stmt.plan.statements.first().is_some_and(ends_failed_block) {
+            self.ext_error(Session::aborted_error());
+            return Ok(());
+        }
         if stmt.is_local() {
             self.portals.insert(
                 portal,
@@ -246,14 +260,9 @@ impl Session {
                     Route::Shard(s) => Target::Shard(s),
                     Route::Multi { shards, merge } => {
                         if sp.is_write() && self.txn.is_none() {
-                            self.ext_error(
-                                PgError::error(
-                                    sqlstate::FEATURE_NOT_SUPPORTED,
-                                    "a prepared write that spans shards outside a transaction block is not supported",
-                                )
-                                .with_hint("add a shard-key condition, or send it with the simple query protocol"),
-                            );
-                            return Ok(());
+                            // Like the implicit transaction PostgreSQL runs until Sync:
+                            // every shard's part commits at Sync only if all succeeded.
+                            self.txn = Some(Txn::implicit());
                         }
                         let combine = if merge == MergePlan::Replicated {
                             Combine::Replicated
@@ -344,6 +353,10 @@ impl Session {
             ));
             return Ok(());
         };
+        if self.in_failed_block() && !portal.target_is_local() {
+            self.ext_error(Session::aborted_error());
+            return Ok(());
+        }
         match portal.target.clone() {
             Target::Local => {
                 let stmt = portal.statement.clone();

@@ -145,6 +145,11 @@ impl Txn {
             implicit,
         }
     }
+
+    /// The router's own block around one request.
+    pub fn implicit() -> Txn {
+        Txn::new("BEGIN".into(), true)
+    }
 }
 
 pub struct Session {
@@ -223,6 +228,19 @@ impl Session {
     }
 
     /// The transaction status the client sees.
+    /// The error for any statement but ROLLBACK/COMMIT in a failed block.
+    pub fn aborted_error() -> PgError {
+        PgError::error(
+            sqlstate::IN_FAILED_SQL_TRANSACTION,
+            "current transaction is aborted, commands ignored until end of transaction block",
+        )
+    }
+
+    /// Whether the client is in a failed transaction block.
+    pub fn in_failed_block(&self) -> bool {
+        self.txn.as_ref().is_some_and(|t| t.failed)
+    }
+
     pub fn status(&self) -> u8 {
         match &self.txn {
             Some(t) if t.failed => b'E',
@@ -329,6 +347,11 @@ impl Session {
         let Some(txn) = self.txn.as_mut() else {
             return Ok(());
         };
+        if txn.implicit {
+            // The router's own block around one request: committed on every shard only
+            // if every statement succeeded.
+            return Ok(());
+        }
         let refuse = || {
             PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, "a transaction that writes to more than one shard is not supported")
                 .with_hint("keep each transaction's writes on one shard key, or run them as separate transactions (two-phase commit is not built yet)")
@@ -394,7 +417,7 @@ impl Session {
                 )
             });
         if implicit {
-            self.txn = Some(Txn::new("BEGIN".into(), true));
+            self.txn = Some(Txn::implicit());
         }
         let single = plan.statements.len() == 1;
         for stmt in &plan.statements {
@@ -420,12 +443,8 @@ impl Session {
         stmt: &StatementPlan,
         text: &str,
     ) -> Result<bool, SessionError> {
-        if self.txn.as_ref().is_some_and(|t| t.failed) && !ends_failed_block(stmt) {
-            let e = PgError::error(
-                sqlstate::IN_FAILED_SQL_TRANSACTION,
-                "current transaction is aborted, commands ignored until end of transaction block",
-            );
-            e.encode(&mut self.client.wbuf);
+        if self.in_failed_block() && !ends_failed_block(stmt) {
+            Self::aborted_error().encode(&mut self.client.wbuf);
             return Ok(false);
         }
         match &stmt.kind {
@@ -494,7 +513,11 @@ impl Session {
 
     /// End the open transaction block on every shard it reached. Returns whether it
     /// ended without error (errors are already sent).
-    async fn end_txn(&mut self, commit: bool, explicit: bool) -> Result<bool, SessionError> {
+    pub(super) async fn end_txn(
+        &mut self,
+        commit: bool,
+        explicit: bool,
+    ) -> Result<bool, SessionError> {
         let Some(txn) = self.txn.take() else {
             return Ok(true);
         };
@@ -660,7 +683,7 @@ impl Session {
                 if stmt.is_write() && self.txn.is_none() {
                     // A write on several shards outside a block: run it in a block on
                     // each and commit only if every shard succeeded.
-                    self.txn = Some(Txn::new("BEGIN".into(), true));
+                    self.txn = Some(Txn::implicit());
                     let ok = self.run_on(&shards, text, combine).await?;
                     let committed = self.end_txn(ok, false).await?;
                     return Ok(ok && committed);
@@ -785,7 +808,7 @@ fn server_error(err: &crate::protocol::Frame, shard: &str) -> StmtError {
 }
 
 /// Statements allowed in a failed transaction block.
-fn ends_failed_block(stmt: &StatementPlan) -> bool {
+pub(super) fn ends_failed_block(stmt: &StatementPlan) -> bool {
     match stmt.kind {
         StatementKind::Commit | StatementKind::Rollback => true,
         StatementKind::Savepoint => stmt

@@ -26,10 +26,10 @@ impl Settings {
         for (k, v) in params {
             if k == "options" {
                 for (name, value) in parse_options(v) {
-                    s.set(&name, set_sql(&name, &value));
+                    s.set(&name, startup_sql(&name, &value));
                 }
             } else if !NOT_SETTINGS.contains(&k.as_str()) {
-                s.set(k, set_sql(k, v));
+                s.set(k, startup_sql(k, v));
             }
         }
         s
@@ -87,11 +87,13 @@ impl Settings {
     }
 }
 
-/// `SET "name" TO 'value'` with both parts quoted.
-pub fn set_sql(name: &str, value: &str) -> String {
+/// SQL giving setting `name` the startup-parameter `value` exactly as PostgreSQL reads
+/// it at startup (`search_path=a,b` is two schemas, which `SET x TO 'a,b'` would make
+/// one).
+pub fn startup_sql(name: &str, value: &str) -> String {
     format!(
-        "SET \"{}\" TO '{}'",
-        name.replace('"', "\"\""),
+        "SELECT pg_catalog.set_config('{}', '{}', false)",
+        name.replace('\'', "''"),
         value.replace('\'', "''")
     )
 }
@@ -154,8 +156,10 @@ mod tests {
         ]);
         assert_eq!(
             s.apply_sql(),
-            "RESET ALL; SET \"application_name\" TO 'psql'; SET \"search_path\" TO 'a,b'; \
-             SET \"statement_timeout\" TO '5s'; SET \"x\" TO 'it''s ok'"
+            "RESET ALL; SELECT pg_catalog.set_config('application_name', 'psql', false); \
+             SELECT pg_catalog.set_config('search_path', 'a,b', false); \
+             SELECT pg_catalog.set_config('statement_timeout', '5s', false); \
+             SELECT pg_catalog.set_config('x', 'it''s ok', false)"
         );
     }
 
