@@ -31,6 +31,10 @@ enum Command {
         /// tracing filter, e.g. `info` or `shardwire=debug`.
         #[arg(long, default_value = "info")]
         log_level: String,
+        /// Worker threads (default: 1, an event loop like PgBouncer's; raise it on
+        /// machines with cores to spare).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
     /// Validate a config and print the topology it describes.
     Check {
@@ -60,7 +64,8 @@ fn main() -> ExitCode {
             config,
             listen,
             log_level,
-        } => serve(&config, listen, &log_level),
+            threads,
+        } => serve(&config, listen, &log_level, threads),
         Command::Check {
             config,
             list_shards,
@@ -148,7 +153,12 @@ fn route(path: &std::path::Path, sql: &str, params: &[String]) -> ExitCode {
 }
 
 /// `shardwire serve`: run the router until SIGINT/SIGTERM.
-fn serve(path: &std::path::Path, listen: Option<String>, log_level: &str) -> ExitCode {
+fn serve(
+    path: &std::path::Path,
+    listen: Option<String>,
+    log_level: &str,
+    threads: usize,
+) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_new(log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -177,10 +187,17 @@ fn serve(path: &std::path::Path, listen: Option<String>, log_level: &str) -> Exi
     if let Some(l) = listen {
         opts.listen = l;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
