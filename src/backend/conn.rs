@@ -277,13 +277,20 @@ impl ServerConn {
         matches!(crate::protocol::codec::frame_len(&self.rbuf, MAX_BACKEND_MESSAGE), Ok(Some(n)) if self.rbuf.len() >= n)
     }
 
-    /// Send everything queued in `wbuf`.
+    /// Send everything queued in `wbuf`. A large batch is sent while the server's
+    /// answers are read into `rbuf`, so a long pipeline cannot deadlock with the server
+    /// blocked on writing answers nobody reads.
     pub async fn flush(&mut self) -> Result<(), BackendError> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
         self.in_flight = true;
-        if let Err(e) = self.stream.write_all(&self.wbuf).await {
+        let result = if self.wbuf.len() <= 64 * 1024 {
+            self.stream.write_all(&self.wbuf).await
+        } else {
+            self.write_reading().await
+        };
+        if let Err(e) = result {
             self.broken = true;
             return Err(BackendError::Lost {
                 shard: self.shard_name.clone(),
@@ -291,6 +298,35 @@ impl ServerConn {
             });
         }
         self.wbuf.clear();
+        Ok(())
+    }
+
+    async fn write_reading(&mut self) -> std::io::Result<()> {
+        let mut written = 0;
+        while written < self.wbuf.len() {
+            let writable = {
+                let s = &self.stream;
+                tokio::select! {
+                    r = s.writable() => { r?; true }
+                    r = s.readable() => { r?; false }
+                }
+            };
+            if writable {
+                match self.stream.try_write(&self.wbuf[written..]) {
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            } else {
+                self.rbuf.reserve(64 * 1024);
+                match self.stream.try_read_buf(&mut self.rbuf) {
+                    Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         Ok(())
     }
 

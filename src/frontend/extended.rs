@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::session::{ends_failed_block, route_error, Session, SessionError, StmtError, Txn};
+use super::session::{ends_failed_block, route_error, Session, SessionError, StmtError};
 use crate::merge::{relay_multi, relay_single, Combine, RelayError, Step, StepKind};
 use crate::protocol::messages::{self, MalformedMessage};
 use crate::protocol::{sqlstate, PgError};
@@ -26,13 +26,21 @@ pub struct PreparedStatement {
     pub param_types: Vec<u32>,
     /// The router's analysis: zero statements (empty query) or one.
     pub plan: Arc<QueryPlan>,
-    /// Identifies the statement on server connections (`sw_<hash>`).
+    /// Identifies the statement on server connections (`sw_<hash>`): a hash of the
+    /// client session, its statement name, the text and the parameter types, so that
+    /// clients never share a server statement (whose plan may be stale for them).
     pub hash: u64,
+    /// The client's unnamed statement: sent as the server's unnamed statement.
+    pub unnamed: bool,
 }
 
 impl PreparedStatement {
     fn server_name(&self) -> String {
-        format!("sw_{:016x}", self.hash)
+        if self.unnamed {
+            String::new()
+        } else {
+            format!("sw_{:016x}", self.hash)
+        }
     }
 
     /// Transaction control and settings are run by the session, not forwarded as is.
@@ -80,6 +88,8 @@ enum Op {
     Execute(String, i32),
     ClosePortal(String),
     Synthetic(Bytes),
+    /// An error the router raises at this point of the batch.
+    Error(Bytes),
 }
 
 /// Messages bound for one target, in client order.
@@ -94,7 +104,31 @@ pub struct Pending {
     groups: Vec<Group>,
     /// Shards that were sent messages without a Sync yet.
     unsynced: BTreeSet<ShardId>,
+    /// Something in this batch failed: its shards must not commit at Sync.
+    failed: bool,
+    /// Roughly how many bytes the pending groups hold (to send early when large).
+    bytes: usize,
 }
+
+/// A portal name that never exists: executing it fails on purpose.
+const POISON_PORTAL: &str = "shardwire_abort_batch";
+
+/// Read and drop everything up to ReadyForQuery (the answer to a Sync sent after a
+/// deliberate failure).
+async fn discard_to_ready(
+    c: &mut crate::backend::ServerConn,
+) -> Result<(), crate::backend::BackendError> {
+    loop {
+        let f = c.read_raw().await?;
+        if f[0] == b'Z' {
+            return Ok(());
+        }
+    }
+}
+
+/// Send pending groups early once they hold this much, so a huge pipeline is not held
+/// in memory until its Sync.
+const PENDING_LIMIT: usize = 1 << 20;
 
 fn malformed(e: MalformedMessage) -> SessionError {
     SessionError::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))
@@ -106,6 +140,11 @@ fn synthetic(tag: u8) -> Op {
 
 impl Session {
     fn add_op(&mut self, target: Target, op: Op) {
+        self.pending.bytes += match &op {
+            Op::Bind { rest, .. } => rest.len() + 64,
+            Op::Synthetic(b) | Op::Error(b) => b.len(),
+            _ => 64,
+        };
         let groups = &mut self.pending.groups;
         match groups.last_mut() {
             Some(g) if g.target == target || target == Target::Local => g.ops.push(op),
@@ -125,7 +164,7 @@ impl Session {
     fn ext_error(&mut self, e: impl Into<StmtError>) {
         let mut b = BytesMut::new();
         e.into().encode(&mut b);
-        self.add_op(Target::Local, Op::Synthetic(b.freeze()));
+        self.add_op(Target::Local, Op::Error(b.freeze()));
         self.skipping = true;
         if let Some(t) = self.txn.as_mut() {
             t.failed = true;
@@ -140,25 +179,29 @@ impl Session {
         let frame = frame.freeze();
         let body = frame.slice(5..);
         match tag {
-            b'P' => self.on_parse(&body),
-            b'B' => self.on_bind(&body).await,
-            b'D' => self.on_describe(&body),
-            b'E' => self.on_execute(&body).await,
-            b'C' => self.on_close(&body),
             b'H' => {
                 self.run_groups(false).await?;
                 self.client.flush().await?;
                 Ok(())
             }
-            _ => {
-                // Sync
+            b'S' => {
                 self.run_groups(true).await?;
                 self.skipping = false;
-                if self.txn.as_ref().is_some_and(|t| t.implicit) {
-                    let ok = self.txn.as_ref().is_some_and(|t| !t.failed);
-                    self.end_txn(ok, false).await?;
-                }
                 self.ready().await
+            }
+            _ => {
+                match tag {
+                    b'P' => self.on_parse(&body)?,
+                    b'B' => self.on_bind(&body).await?,
+                    b'D' => self.on_describe(&body)?,
+                    b'E' => self.on_execute(&body).await?,
+                    _ => self.on_close(&body)?,
+                }
+                if self.pending.bytes > PENDING_LIMIT && !self.skipping {
+                    // A long pipeline: send what we have so answers keep flowing.
+                    self.run_groups(false).await?;
+                }
+                Ok(())
             }
         }
     }
@@ -187,9 +230,12 @@ impl Session {
             return Ok(());
         }
         let mut h = DefaultHasher::new();
+        self.id.hash(&mut h);
+        p.name.hash(&mut h);
         p.sql.hash(&mut h);
         p.param_types.hash(&mut h);
         let stmt = PreparedStatement {
+            unnamed: p.name.is_empty(),
             sql: p.sql.to_owned(),
             param_types: p.param_types,
             plan,
@@ -230,6 +276,7 @@ impl Session {
         let target = match stmt.plan.statements.first() {
             None => Target::Shard(self.describe_shard()),
             Some(sp) => {
+                self.dirty |= sp.session_effects;
                 let params: Vec<Param<'_>> = b
                     .params
                     .iter()
@@ -259,11 +306,6 @@ impl Session {
                 match routed.route {
                     Route::Shard(s) => Target::Shard(s),
                     Route::Multi { shards, merge } => {
-                        if sp.is_write() && self.txn.is_none() {
-                            // Like the implicit transaction PostgreSQL runs until Sync:
-                            // every shard's part commits at Sync only if all succeeded.
-                            self.txn = Some(Txn::implicit());
-                        }
                         let combine = if merge == MergePlan::Replicated {
                             Combine::Replicated
                         } else {
@@ -396,63 +438,107 @@ impl Session {
         Ok(())
     }
 
-    /// Send the pending groups in order and relay their answers. With `sync`, each shard
-    /// touched gets a Sync (ending its implicit transaction) and connections may be
-    /// released afterwards.
+    /// Send the pending groups in order and relay their answers.
+    ///
+    /// Everything up to the client's Sync is one implicit transaction, as in PostgreSQL.
+    /// A batch that reaches one shard is sent with its Sync at once. A batch that reaches
+    /// several shards (or several groups) is sent with Flush, and only when every part
+    /// has answered does each shard get its Sync, preceded by a message that fails on
+    /// purpose if any part failed, so that no shard commits part of a failed batch.
     async fn run_groups(&mut self, sync: bool) -> Result<(), SessionError> {
         let groups = std::mem::take(&mut self.pending.groups);
-        let mut failed = false;
+        self.pending.bytes = 0;
+        let server_groups: Vec<&Target> = groups
+            .iter()
+            .map(|g| &g.target)
+            .filter(|t| **t != Target::Local)
+            .collect();
+        // One shard, nothing left open elsewhere: send the Sync with the messages.
+        let router_error = groups
+            .iter()
+            .any(|g| g.ops.iter().any(|o| matches!(o, Op::Error(_))));
+        let fast_sync = sync
+            && !self.pending.failed
+            && !router_error
+            && match server_groups.as_slice() {
+                [Target::Shard(s)] => self.pending.unsynced.iter().all(|u| u == s),
+                _ => false,
+            };
         for g in groups {
-            if failed {
+            if self.pending.failed {
                 continue;
             }
             let ok = match g.target.clone() {
                 Target::Local => {
+                    let mut ok = true;
                     for op in g.ops {
-                        if let Op::Synthetic(b) = op {
-                            self.client.wbuf.extend_from_slice(&b);
+                        match op {
+                            Op::Synthetic(b) => self.client.wbuf.extend_from_slice(&b),
+                            Op::Error(b) => {
+                                self.client.wbuf.extend_from_slice(&b);
+                                ok = false;
+                                break;
+                            }
+                            _ => {}
                         }
                     }
-                    true
+                    ok
                 }
-                Target::Shard(s) => self.run_single(s, g.ops, sync).await?,
+                Target::Shard(s) => self.run_single(s, g.ops, fast_sync).await?,
                 Target::Multi(shards, combine) => {
-                    self.run_fanout(&shards, g.ops, sync, combine).await?
+                    self.run_fanout(&shards, g.ops, false, combine).await?
                 }
             };
             if !ok {
-                failed = true;
-                if !sync {
-                    self.skipping = true;
-                }
+                self.pending.failed = true;
             }
         }
-        if sync {
-            // Shards sent messages at an earlier Flush but not in this run still owe a Sync.
-            let unsynced: Vec<ShardId> = std::mem::take(&mut self.pending.unsynced)
-                .into_iter()
-                .collect();
-            for s in unsynced {
-                if let Some(c) = self.held.get_mut(&s) {
-                    messages::empty_message(&mut c.wbuf, b'S');
-                    let mut steps = VecDeque::from([Step::Server {
-                        kind: StepKind::Sync,
-                        forward: false,
-                    }]);
-                    let r = match c.flush().await {
-                        Ok(()) => relay_single(c, &mut self.client, &mut steps).await,
-                        Err(e) => Err(RelayError::Backend(e)),
-                    };
+        if !sync {
+            if self.pending.failed {
+                self.skipping = true;
+            }
+            if !self.held.is_empty() {
+                self.batch_open = true;
+            }
+            return Ok(());
+        }
+        let failed = std::mem::take(&mut self.pending.failed);
+        let unsynced: Vec<ShardId> = std::mem::take(&mut self.pending.unsynced)
+            .into_iter()
+            .collect();
+        for s in unsynced {
+            let Some(c) = self.held.get_mut(&s) else {
+                continue;
+            };
+            if failed {
+                // Make the shard's implicit transaction fail, then end it.
+                messages::execute(&mut c.wbuf, POISON_PORTAL, 0);
+                messages::empty_message(&mut c.wbuf, b'S');
+                let r = match c.flush().await {
+                    Ok(()) => discard_to_ready(c).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
+                    let r: Result<crate::merge::Outcome, RelayError> = Err(RelayError::Backend(e));
                     self.finish_relay(&[s], r)?;
                 }
+                continue;
             }
-            self.batch_open = false;
-            self.sync_txn_status();
-            if self.txn.is_none() {
-                self.portals.clear();
-            }
-        } else if !self.held.is_empty() {
-            self.batch_open = true;
+            messages::empty_message(&mut c.wbuf, b'S');
+            let mut steps = VecDeque::from([Step::Server {
+                kind: StepKind::Sync,
+                forward: false,
+            }]);
+            let r = match c.flush().await {
+                Ok(()) => relay_single(c, &mut self.client, &mut steps).await,
+                Err(e) => Err(RelayError::Backend(e)),
+            };
+            self.finish_relay(&[s], r)?;
+        }
+        self.batch_open = false;
+        self.sync_txn_status();
+        if self.txn.is_none() {
+            self.portals.clear();
         }
         Ok(())
     }
@@ -471,6 +557,7 @@ impl Session {
             return Ok(false);
         };
         let mut steps = VecDeque::with_capacity(ops.len() + 2);
+        let mut router_error = false;
         // Statements created by this group: (server step index, hash).
         let mut created: Vec<(usize, u64)> = Vec::new();
         let mut server_steps = 0usize;
@@ -478,7 +565,16 @@ impl Session {
                           steps: &mut VecDeque<Step>,
                           st: &PreparedStatement,
                           server_steps: &mut usize| {
-            if conn.prepared.insert(st.hash) {
+            if st.unnamed {
+                // The client's unnamed statement is the server's unnamed one, parsed
+                // for each use as PostgreSQL itself does.
+                messages::parse(&mut conn.wbuf, "", &st.sql, &st.param_types);
+                steps.push_back(Step::Server {
+                    kind: StepKind::Parse,
+                    forward: false,
+                });
+                *server_steps += 1;
+            } else if conn.prepared.insert(st.hash) {
                 messages::parse(&mut conn.wbuf, &st.server_name(), &st.sql, &st.param_types);
                 steps.push_back(Step::Server {
                     kind: StepKind::Parse,
@@ -537,6 +633,10 @@ impl Session {
                     server_steps += 1;
                 }
                 Op::Synthetic(b) => steps.push_back(Step::Synthetic(b)),
+                Op::Error(b) => {
+                    router_error = true;
+                    steps.push_back(Step::Synthetic(b));
+                }
             }
         }
         if sync {
@@ -547,6 +647,8 @@ impl Session {
             });
             self.pending.unsynced.remove(&shard);
         } else {
+            // Flush, so the shard answers now; its Sync comes with the client's.
+            messages::empty_message(&mut conn.wbuf, b'H');
             self.pending.unsynced.insert(shard);
         }
         let result = match conn.flush().await {
@@ -564,7 +666,8 @@ impl Session {
                 }
             }
         }
-        self.finish_relay(&[shard], result)
+        let ok = self.finish_relay(&[shard], result)?;
+        Ok(ok && !router_error)
     }
 
     async fn run_fanout(
@@ -584,6 +687,7 @@ impl Session {
         // every shard's answers line up step for step.
         let mut wire = BytesMut::new();
         let mut steps = VecDeque::with_capacity(ops.len() + 2);
+        let mut router_error = false;
         for op in ops {
             match op {
                 Op::Bind {
@@ -636,6 +740,10 @@ impl Session {
                     });
                 }
                 Op::Synthetic(b) => steps.push_back(Step::Synthetic(b)),
+                Op::Error(b) => {
+                    router_error = true;
+                    steps.push_back(Step::Synthetic(b));
+                }
             }
         }
         if sync {
@@ -644,6 +752,8 @@ impl Session {
                 kind: StepKind::Sync,
                 forward: false,
             });
+        } else {
+            messages::empty_message(&mut wire, b'H');
         }
         let mut conns = Vec::with_capacity(shards.len());
         for (id, c) in self.held.iter_mut() {
@@ -670,6 +780,7 @@ impl Session {
                 self.pending.unsynced.insert(*s);
             }
         }
-        self.finish_relay(shards, result)
+        let ok = self.finish_relay(shards, result)?;
+        Ok(ok && !router_error)
     }
 }

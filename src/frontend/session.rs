@@ -26,6 +26,10 @@ use crate::protocol::{sqlstate, PgError};
 use crate::router::{MergePlan, Route, RouteError, StatementKind, StatementPlan};
 use crate::topology::ShardId;
 
+/// Server-side prepared statements a pooled connection may accumulate before they are
+/// dropped (and re-created on demand).
+const MAX_PREPARED_PER_CONN: usize = 2000;
+
 /// Run a client connection from handshake to goodbye.
 pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr) {
     // Until the client has authenticated, no message may be larger than a startup packet.
@@ -59,8 +63,11 @@ pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr
         skipping: false,
         active,
         pending: Default::default(),
+        id: pid,
+        dirty: false,
     };
     let end = session.run().await;
+    session.mark_dirty_conns();
     drop(session);
     shared.cancels.unregister(pid);
     match end {
@@ -172,6 +179,10 @@ pub struct Session {
     pub active: Active,
     /// Extended-protocol messages waiting for Flush or Sync.
     pub pending: super::extended::Pending,
+    /// This session's key (the pid handed to the client).
+    pub id: i32,
+    /// A statement with untracked session effects ran on the held connections.
+    pub dirty: bool,
 }
 
 impl Session {
@@ -268,9 +279,20 @@ impl Session {
             && !self.held.is_empty()
             && !self.shared.session_pooling
         {
+            self.mark_dirty_conns();
             self.held.clear();
             if let Ok(mut a) = self.active.lock() {
                 a.clear();
+            }
+        }
+    }
+
+    /// Connections that ran statements with untracked session effects get a full reset
+    /// before anyone uses them again.
+    pub fn mark_dirty_conns(&mut self) {
+        if std::mem::take(&mut self.dirty) {
+            for c in self.held.values_mut() {
+                c.settings = u64::MAX;
             }
         }
     }
@@ -301,6 +323,14 @@ impl Session {
             return Ok(());
         }
         let mut c = self.shared.pools.checkout(shard).await?;
+        if c.prepared.len() > MAX_PREPARED_PER_CONN {
+            // Each client's named statements live on the connections it used; keep
+            // their number bounded.
+            if let Some(err) = c.run_quiet("DEALLOCATE ALL").await? {
+                return Err(server_error(&err, &c.shard_name));
+            }
+            c.prepared.clear();
+        }
         let wanted = self.settings.fingerprint();
         if c.settings != wanted {
             // Unknown until the SETs succeed.
@@ -464,6 +494,14 @@ impl Session {
             StatementKind::Commit | StatementKind::Rollback => {
                 let commit = stmt.kind == StatementKind::Commit;
                 let word = if commit { "COMMIT" } else { "ROLLBACK" };
+                let chain = is_and_chain(text);
+                if chain && self.txn.as_ref().is_none_or(|t| t.implicit) {
+                    self.fail(PgError::error(
+                        sqlstate::NO_ACTIVE_SQL_TRANSACTION,
+                        format!("{word} AND CHAIN can only be used in transaction blocks"),
+                    ));
+                    return Ok(false);
+                }
                 if self.txn.as_ref().is_none_or(|t| t.implicit) {
                     PgError::warning(
                         sqlstate::NO_ACTIVE_SQL_TRANSACTION,
@@ -474,7 +512,12 @@ impl Session {
                     return Ok(true);
                 }
                 let failed = self.txn.as_ref().is_some_and(|t| t.failed);
+                let begin_sql = self.txn.as_ref().map(|t| t.begin_sql.clone());
                 let ok = self.end_txn(commit && !failed, true).await?;
+                if ok && chain {
+                    // AND CHAIN: a new block with the same characteristics.
+                    self.txn = begin_sql.map(|b| Txn::new(b, false));
+                }
                 if ok {
                     // COMMIT of a failed block reports ROLLBACK, as PostgreSQL does.
                     messages::command_complete(
@@ -493,6 +536,13 @@ impl Session {
                 self.set(stmt, text, Some(name.clone()), *local).await
             }
             StatementKind::Reset { name } => self.set(stmt, text, name.clone(), false).await,
+            StatementKind::Discard if is_deallocate_all(text) => {
+                // Server connections keep their statements (they are this router's);
+                // the client's are forgotten.
+                self.statements.clear();
+                messages::command_complete(&mut self.client.wbuf, "DEALLOCATE ALL");
+                Ok(true)
+            }
             StatementKind::Discard if is_discard_all(text) => {
                 if self.txn.as_ref().is_some_and(|t| !t.implicit) {
                     self.fail(PgError::error(
@@ -507,7 +557,10 @@ impl Session {
                 messages::command_complete(&mut self.client.wbuf, "DISCARD ALL");
                 Ok(true)
             }
-            _ => self.run_routed(stmt, text).await,
+            _ => {
+                self.dirty |= stmt.session_effects;
+                self.run_routed(stmt, text).await
+            }
         }
     }
 
@@ -555,6 +608,7 @@ impl Session {
                 }
             }
         }
+        let changed = txn.pending.is_some();
         if commit && ok {
             if let Some(s) = txn.pending {
                 self.settings = s;
@@ -563,7 +617,13 @@ impl Session {
         // Connections whose settings changed inside a rolled-back block are back to the
         // session's settings only after a rollback, which PostgreSQL guarantees; after a
         // commit they carry the new ones.
-        let fp = self.settings.fingerprint();
+        // Settings changed inside the block (a RESET among them, perhaps): set the
+        // connections up afresh next time rather than guess their state.
+        let fp = if changed {
+            u64::MAX
+        } else {
+            self.settings.fingerprint()
+        };
         for c in self.held.values_mut() {
             if c.settings != u64::MAX {
                 c.settings = fp;
@@ -579,6 +639,9 @@ impl Session {
             if let Some(t) = self.txn.as_mut().filter(|t| !t.implicit) {
                 // No shard reached yet: remember it for the shards that join.
                 t.replay.push(text.to_owned());
+                if savepoint_tag(text) == "ROLLBACK" {
+                    t.failed = false;
+                }
                 messages::command_complete(&mut self.client.wbuf, savepoint_tag(text));
                 return Ok(true);
             }
@@ -635,6 +698,9 @@ impl Session {
             }
             None => &mut self.settings,
         };
+        // A RESET on the server goes to the server's default, which differs from the
+        // client's startup value: such a connection must be set up again before reuse.
+        let reapply = is_reset && target.reset_differs(name.as_deref());
         if is_reset {
             target.reset(name.as_deref());
         } else if let Some(n) = name {
@@ -642,7 +708,11 @@ impl Session {
         }
         if !in_block && self.txn.is_none() {
             // The connection that ran it now carries exactly the session's settings.
-            let fp = self.settings.fingerprint();
+            let fp = if reapply {
+                u64::MAX
+            } else {
+                self.settings.fingerprint()
+            };
             for s in &shards {
                 if let Some(c) = self.held.get_mut(s) {
                     c.settings = fp;
@@ -680,7 +750,7 @@ impl Session {
                     MergePlan::Replicated => Combine::Replicated,
                     _ => Combine::Sum,
                 };
-                if stmt.is_write() && self.txn.is_none() {
+                if stmt.is_write() && self.txn.is_none() && !needs_no_block(text) {
                     // A write on several shards outside a block: run it in a block on
                     // each and commit only if every shard succeeded.
                     self.txn = Some(Txn::implicit());
@@ -818,6 +888,30 @@ pub(super) fn ends_failed_block(stmt: &StatementPlan) -> bool {
             .starts_with("rollback"),
         _ => false,
     }
+}
+
+/// Statements PostgreSQL refuses to run inside a transaction block (VACUUM, CREATE
+/// INDEX CONCURRENTLY, …): a fan-out of one runs on each shard on its own.
+fn needs_no_block(text: &str) -> bool {
+    let t = text.trim_start().to_ascii_lowercase();
+    let first = t.split_whitespace().next().unwrap_or("");
+    matches!(first, "vacuum" | "cluster" | "reindex")
+        || (t.contains(" concurrently") && !t.starts_with("refresh"))
+}
+
+/// `COMMIT AND CHAIN` / `ROLLBACK AND CHAIN` (not `AND NO CHAIN`).
+fn is_and_chain(text: &str) -> bool {
+    let words: Vec<String> = text
+        .split_whitespace()
+        .map(|w| w.trim_end_matches(';').to_ascii_lowercase())
+        .collect();
+    words.ends_with(&["and".to_string(), "chain".to_string()])
+}
+
+fn is_deallocate_all(text: &str) -> bool {
+    text.trim_start()
+        .get(..10)
+        .is_some_and(|w| w.eq_ignore_ascii_case("deallocate"))
 }
 
 fn is_discard_all(text: &str) -> bool {

@@ -11,9 +11,17 @@ use std::hash::{Hash, Hasher};
 /// Startup parameters that are connection plumbing, not settings to replay.
 const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
 
+/// What brings a server connection back to a clean session before a client's settings
+/// are applied: identity, every parameter, cursors, temporary objects, advisory locks and
+/// LISTENs (`DISCARD ALL` would also drop the router's prepared statements).
+const RESET_SESSION: &str = "RESET SESSION AUTHORIZATION\n;\nRESET ROLE\n;\nRESET ALL\n;\nCLOSE ALL\n;\n\
+                             DISCARD TEMP\n;\nSELECT pg_catalog.pg_advisory_unlock_all()\n;\nUNLISTEN *";
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
-    /// (lower-case name, SQL that sets it).
+    /// From the startup packet: what RESET returns to, as in PostgreSQL.
+    base: Vec<(String, String)>,
+    /// Set since (lower-case name, SQL that sets it), in order.
     entries: Vec<(String, String)>,
     fingerprint: u64,
 }
@@ -32,6 +40,8 @@ impl Settings {
                 s.set(k, startup_sql(k, v));
             }
         }
+        s.base = std::mem::take(&mut s.entries);
+        s.refresh();
         s
     }
 
@@ -43,7 +53,7 @@ impl Settings {
         self.refresh();
     }
 
-    /// `RESET name` (`None`: RESET ALL).
+    /// `RESET name` (`None`: RESET ALL): back to the startup value, if there was one.
     pub fn reset(&mut self, name: Option<&str>) {
         match name {
             Some(n) => {
@@ -55,15 +65,25 @@ impl Settings {
         self.refresh();
     }
 
+    /// Whether a RESET of `name` on a server connection leaves it different from these
+    /// settings (it resets to the server's default, not to the client's startup value).
+    pub fn reset_differs(&self, name: Option<&str>) -> bool {
+        match name {
+            None => !self.base.is_empty(),
+            Some(n) => self.base.iter().any(|(k, _)| k.eq_ignore_ascii_case(n)),
+        }
+    }
+
     fn refresh(&mut self) {
-        if self.entries.is_empty() {
+        if self.entries.is_empty() && self.base.is_empty() {
             self.fingerprint = 0;
             return;
         }
         let mut h = DefaultHasher::new();
+        self.base.hash(&mut h);
         self.entries.hash(&mut h);
-        // 0 means "no settings"; keep it for that.
-        self.fingerprint = h.finish().max(1);
+        // 0 means "no settings" and u64::MAX "unknown state"; keep both for that.
+        self.fingerprint = h.finish().clamp(1, u64::MAX - 1);
     }
 
     /// 0 when there are no settings.
@@ -71,16 +91,19 @@ impl Settings {
         self.fingerprint
     }
 
-    /// The value a startup parameter was given, for ParameterStatus.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.entries.iter().map(|(n, _)| n.as_str())
-    }
-
-    /// SQL that brings a connection with any settings to exactly these.
+    /// SQL that brings a connection in any state to exactly these settings. Statements
+    /// are separated by newlines so a client's trailing `-- comment` ends where it should.
     pub fn apply_sql(&self) -> String {
-        let mut sql = String::from("RESET ALL");
+        let mut sql = String::from(RESET_SESSION);
+        let overridden = |n: &str| self.entries.iter().any(|(k, _)| k == n);
+        for (n, s) in &self.base {
+            if !overridden(n) {
+                sql.push_str("\n;\n");
+                sql.push_str(s);
+            }
+        }
         for (_, s) in &self.entries {
-            sql.push_str("; ");
+            sql.push_str("\n;\n");
             sql.push_str(s);
         }
         sql
@@ -145,7 +168,7 @@ mod tests {
 
     #[test]
     fn startup_parameters_become_settings() {
-        let s = Settings::from_startup(&[
+        let mut s = Settings::from_startup(&[
             ("user".into(), "app".into()),
             ("database".into(), "app".into()),
             ("application_name".into(), "psql".into()),
@@ -154,13 +177,28 @@ mod tests {
                 "-c search_path=a,b --statement-timeout=5s -c x=it\\'s\\ ok".into(),
             ),
         ]);
-        assert_eq!(
-            s.apply_sql(),
-            "RESET ALL; SELECT pg_catalog.set_config('application_name', 'psql', false); \
-             SELECT pg_catalog.set_config('search_path', 'a,b', false); \
-             SELECT pg_catalog.set_config('statement_timeout', '5s', false); \
+        let want = format!(
+            "{RESET_SESSION}\n;\nSELECT pg_catalog.set_config('application_name', 'psql', false)\n;\n\
+             SELECT pg_catalog.set_config('search_path', 'a,b', false)\n;\n\
+             SELECT pg_catalog.set_config('statement_timeout', '5s', false)\n;\n\
              SELECT pg_catalog.set_config('x', 'it''s ok', false)"
         );
+        assert_eq!(s.apply_sql(), want);
+        // A SET overrides the startup value; RESET brings the startup value back.
+        let start = s.fingerprint();
+        s.set(
+            "search_path",
+            "SET search_path = c -- trailing comment".into(),
+        );
+        assert!(s
+            .apply_sql()
+            .ends_with("SET search_path = c -- trailing comment"));
+        assert!(!s.apply_sql().contains("'a,b'"));
+        assert!(s.reset_differs(Some("search_path")));
+        assert!(!s.reset_differs(Some("work_mem")));
+        s.reset(None);
+        assert_eq!(s.fingerprint(), start);
+        assert_eq!(s.apply_sql(), want);
     }
 
     #[test]

@@ -93,7 +93,10 @@ pub async fn relay_multi(
                         }
                     }
                     b'D' => {
-                        if forward && acc.error.is_none() && acc.refusal.is_none() {
+                        // A replicated write's RETURNING rows are the same on every
+                        // shard: the first shard's are the answer.
+                        let wanted = combine == Combine::Sum || i == 0;
+                        if wanted && forward && acc.error.is_none() && acc.refusal.is_none() {
                             client.wbuf.extend_from_slice(&frame);
                         }
                     }

@@ -58,7 +58,7 @@ pub async fn relay_single(
                 // COPY FROM STDIN: the client streams CopyData until CopyDone/CopyFail.
                 client.wbuf.extend_from_slice(&frame);
                 client.flush().await?;
-                copy_in(conn, client).await?;
+                copy_in(conn, client, kind == super::StepKind::Execute).await?;
             }
             _ => {
                 if forward {
@@ -76,8 +76,14 @@ pub async fn relay_single(
     }
 }
 
-/// Pump CopyData from the client to the shard until CopyDone or CopyFail.
-async fn copy_in(conn: &mut ServerConn, client: &mut ClientConn) -> Result<(), RelayError> {
+/// Pump CopyData from the client to the shard until CopyDone or CopyFail. A COPY started
+/// by Execute (extended protocol) ignored the Sync sent after it, as PostgreSQL does
+/// during COPY; the Sync the client sends after CopyDone is the one that ends it.
+async fn copy_in(
+    conn: &mut ServerConn,
+    client: &mut ClientConn,
+    extended: bool,
+) -> Result<(), RelayError> {
     loop {
         let frame = client.read_raw().await?;
         match frame[0] {
@@ -89,6 +95,15 @@ async fn copy_in(conn: &mut ServerConn, client: &mut ClientConn) -> Result<(), R
             }
             b'c' | b'f' => {
                 conn.wbuf.extend_from_slice(&frame);
+                if extended {
+                    loop {
+                        let next = client.read_raw().await?;
+                        if next[0] == b'S' {
+                            conn.wbuf.extend_from_slice(&next);
+                            break;
+                        }
+                    }
+                }
                 conn.flush().await?;
                 return Ok(());
             }

@@ -65,9 +65,10 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
+    /// A count of parameters or formats: unsigned 16 bits, as PostgreSQL reads it.
     fn count(&mut self) -> Result<usize, MalformedMessage> {
-        let n = self.i16()?;
-        usize::try_from(n).map_err(|_| self.err("negative count"))
+        let b = self.take(2)?;
+        Ok(usize::from(u16::from_be_bytes([b[0], b[1]])))
     }
 
     fn finish(&self) -> Result<(), MalformedMessage> {
@@ -273,7 +274,7 @@ pub fn parse(buf: &mut BytesMut, name: &str, sql: &str, types: &[u32]) {
     let at = begin(buf, b'P');
     put_cstr(buf, name);
     put_cstr(buf, sql);
-    buf.put_i16(types.len() as i16);
+    buf.put_u16(types.len() as u16);
     for t in types {
         buf.put_u32(*t);
     }

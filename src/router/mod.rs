@@ -109,6 +109,10 @@ pub struct StatementPlan {
     shape: Arc<StmtShape>,
     /// The literal values of this query string.
     lits: Arc<Vec<LitValue>>,
+    /// The statement may leave session state behind that the router does not track
+    /// (`set_config(…, false)`, advisory locks, temporary objects, WITH HOLD cursors):
+    /// the server connection must be reset before another client uses it.
+    pub session_effects: bool,
 }
 
 /// What kind of statement this is, for the proxy's session and transaction handling.
@@ -340,6 +344,7 @@ fn instantiate(
             let text = sql.get(start..end).unwrap_or("").trim();
             let text = text.strip_suffix(';').unwrap_or(text).trim_end();
             StatementPlan {
+                session_effects: has_session_effects(text),
                 text: text.to_owned(),
                 kind: s.kind.clone(),
                 shape: Arc::clone(&s.shape),
@@ -348,4 +353,20 @@ fn instantiate(
         })
         .collect();
     QueryPlan { statements }
+}
+
+/// Whether `text` may create session state the router does not track (see
+/// `StatementPlan::session_effects`). Errs towards yes: a false alarm costs one reset.
+fn has_session_effects(text: &str) -> bool {
+    const MARKERS: [&str; 7] = [
+        "set_config",
+        "advisory_lock",
+        "temporary",
+        "temp table",
+        "temp sequence",
+        "temp view",
+        "with hold",
+    ];
+    let lower = text.to_ascii_lowercase();
+    MARKERS.iter().any(|m| lower.contains(m))
 }
