@@ -207,7 +207,14 @@ impl Session {
     }
 
     fn on_parse(&mut self, body: &Bytes) -> Result<(), SessionError> {
-        let p = messages::parse_parse(body).map_err(malformed)?;
+        let p = match messages::parse_parse(body) {
+            Ok(p) => p,
+            Err(e) if e.is_encoding() => {
+                self.ext_error(super::session::invalid_utf8());
+                return Ok(());
+            }
+            Err(e) => return Err(malformed(e)),
+        };
         if !p.name.is_empty() && self.statements.contains_key(p.name) {
             self.ext_error(PgError::error(
                 sqlstate::DUPLICATE_PREPARED_STATEMENT,

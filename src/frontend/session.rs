@@ -413,6 +413,10 @@ impl Session {
     async fn simple_query(&mut self, frame: BytesMut) -> Result<(), SessionError> {
         let sql = match messages::parse_query(&frame[5..]) {
             Ok(s) => s.to_owned(),
+            Err(e) if e.is_encoding() => {
+                self.fail(invalid_utf8());
+                return self.ready().await;
+            }
             Err(e) => {
                 return Err(SessionError::Fatal(PgError::fatal(
                     sqlstate::PROTOCOL_VIOLATION,
@@ -674,6 +678,19 @@ impl Session {
         name: Option<String>,
         local: bool,
     ) -> Result<bool, SessionError> {
+        if name.as_deref() == Some("client_encoding")
+            && !is_reset_stmt(stmt)
+            && !super::startup::encoding_ok(set_value(text))
+        {
+            self.fail(
+                PgError::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "client encodings other than UTF8 are not supported by shardwire",
+                )
+                .with_hint("shard keys are read and hashed as UTF-8; keep client_encoding UTF8"),
+            );
+            return Ok(false);
+        }
         let is_reset = matches!(stmt.kind, StatementKind::Reset { .. });
         let shards: Vec<ShardId> = if self.txn.is_some() && !self.held.is_empty() {
             self.held.keys().copied().collect()
@@ -877,6 +894,15 @@ fn server_error(err: &crate::protocol::Frame, shard: &str) -> StmtError {
     }
 }
 
+/// The error for a statement that is not valid UTF-8 (PostgreSQL's 22021).
+pub fn invalid_utf8() -> PgError {
+    PgError::error(
+        sqlstate::CHARACTER_NOT_IN_REPERTOIRE,
+        "invalid byte sequence for encoding \"UTF8\"",
+    )
+    .with_hint("shardwire reads statements as UTF-8; set client_encoding to UTF8")
+}
+
 /// Statements allowed in a failed transaction block.
 pub(super) fn ends_failed_block(stmt: &StatementPlan) -> bool {
     match stmt.kind {
@@ -897,6 +923,21 @@ fn needs_no_block(text: &str) -> bool {
     let first = t.split_whitespace().next().unwrap_or("");
     matches!(first, "vacuum" | "cluster" | "reindex")
         || (t.contains(" concurrently") && !t.starts_with("refresh"))
+}
+
+fn is_reset_stmt(stmt: &StatementPlan) -> bool {
+    matches!(stmt.kind, StatementKind::Reset { .. })
+}
+
+/// The value part of `SET x TO v` / `SET x = v` / `SET NAMES v` (quotes kept).
+fn set_value(text: &str) -> &str {
+    let lower = text.to_ascii_lowercase();
+    for sep in [" to ", "=", " names "] {
+        if let Some(i) = lower.find(sep) {
+            return text[i + sep.len()..].trim();
+        }
+    }
+    ""
 }
 
 /// `COMMIT AND CHAIN` / `ROLLBACK AND CHAIN` (not `AND NO CHAIN`).

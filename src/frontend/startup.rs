@@ -124,6 +124,17 @@ async fn startup(
         }
         messages::finish(&mut client.wbuf, at);
     }
+    if let Some(enc) = get("client_encoding").filter(|e| !encoding_ok(e)) {
+        let e = PgError::fatal(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            format!("client_encoding \"{enc}\" is not supported by shardwire"),
+        )
+        .with_hint(
+            "use UTF8 (for psql: PGCLIENTENCODING=UTF8); shard keys are read and hashed as UTF-8",
+        );
+        fatal(client, e).await?;
+        return Ok(Handshake::Done);
+    }
     let database = get("database")
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
@@ -229,3 +240,17 @@ const REPORTED: &[&str] = &[
     "TimeZone",
     "standard_conforming_strings",
 ];
+
+/// Client encodings the router can read statements in: UTF-8, and SQL_ASCII (bytes
+/// passed through, which is what a C-locale psql asks for).
+pub fn encoding_ok(name: &str) -> bool {
+    let n: String = name
+        .chars()
+        .filter(|c| *c != '-' && *c != '_' && *c != '\'' && *c != '"')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    matches!(
+        n.trim(),
+        "utf8" | "unicode" | "sqlascii" | "auto" | "default"
+    )
+}

@@ -11,6 +11,16 @@ pub struct MalformedMessage {
     pub why: &'static str,
 }
 
+impl MalformedMessage {
+    /// The body was well formed but a string in it is not UTF-8: a statement error,
+    /// not a protocol violation.
+    pub fn is_encoding(&self) -> bool {
+        self.why == NOT_UTF8
+    }
+}
+
+const NOT_UTF8: &str = "string is not valid UTF-8";
+
 /// Cursor over a message body.
 struct Reader<'a> {
     buf: &'a [u8],
@@ -36,8 +46,7 @@ impl<'a> Reader<'a> {
             .iter()
             .position(|b| *b == 0)
             .ok_or(self.err("missing string terminator"))?;
-        let s =
-            std::str::from_utf8(&rest[..end]).map_err(|_| self.err("string is not valid UTF-8"))?;
+        let s = std::str::from_utf8(&rest[..end]).map_err(|_| self.err(NOT_UTF8))?;
         self.pos += end + 1;
         Ok(s)
     }

@@ -25,3 +25,4 @@ pub const ADMIN_SHUTDOWN: &str = "57P01";
 pub const CANNOT_CONNECT_NOW: &str = "57P03";
 pub const INTERNAL_ERROR: &str = "XX000";
 pub const DATATYPE_MISMATCH: &str = "42804";
+pub const CHARACTER_NOT_IN_REPERTOIRE: &str = "22021";
