@@ -43,7 +43,13 @@ impl ClientConn {
         }
     }
 
-    async fn fill(&mut self) -> Result<(), ClientError> {
+    /// Bytes received from the client and not yet read as frames.
+    pub fn buffered(&self) -> usize {
+        self.rbuf.len()
+    }
+
+    /// Read whatever the client sent next into the buffer. Cancel-safe.
+    pub async fn fill(&mut self) -> Result<(), ClientError> {
         if self.rbuf.capacity() - self.rbuf.len() < 4096 {
             self.rbuf.reserve(8192);
         }

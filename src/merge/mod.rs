@@ -98,6 +98,36 @@ pub enum RelayError {
     Refused(PgError),
 }
 
+/// The next frame from `conn`. Before waiting on the shard, what the client is owed so
+/// far is flushed; while waiting, the client's socket is watched too, so a client that
+/// goes away cancels its statement instead of leaving it running on the shard.
+/// Cancel-safe.
+pub(crate) async fn next_frame(
+    conn: &mut crate::backend::ServerConn,
+    client: &mut crate::frontend::client::ClientConn,
+) -> Result<bytes::BytesMut, RelayError> {
+    if conn.has_buffered_frame() {
+        return Ok(conn.read_raw().await?);
+    }
+    client.flush().await?;
+    loop {
+        tokio::select! {
+            biased;
+            f = conn.read_raw() => return Ok(f?),
+            r = client.fill(), if client.buffered() < (1 << 20) => {
+                if let Err(e) = r {
+                    conn.broken = true;
+                    let (addr, pid, secret) = (conn.addr, conn.pid, conn.secret);
+                    tokio::spawn(async move {
+                        let _ = crate::backend::conn::cancel(addr, pid, secret).await;
+                    });
+                    return Err(RelayError::Client(e));
+                }
+            }
+        }
+    }
+}
+
 /// A shard's ErrorResponse as the client should see it. A FATAL from a shard ends that
 /// shard connection, not the client's session, so it is reported as an ERROR saying the
 /// shard connection was lost (with the shard's message).

@@ -42,10 +42,7 @@ pub async fn relay_multi(
                 skipping[i] = false;
             }
             loop {
-                if !conn.has_buffered_frame() {
-                    client.flush().await?;
-                }
-                let frame = conn.read_raw().await?;
+                let frame = super::next_frame(conn, client).await?;
                 let tag = frame[0];
                 let terminal = kind.is_terminal(tag);
                 match tag {

@@ -24,11 +24,7 @@ pub async fn relay_single(
         let Some(Step::Server { kind, forward }) = steps.front().cloned() else {
             return Ok(out);
         };
-        if !conn.has_buffered_frame() {
-            // About to wait for the shard: let the client have what we have so far.
-            client.flush().await?;
-        }
-        let frame = conn.read_raw().await?;
+        let frame = super::next_frame(conn, client).await?;
         let tag = frame[0];
         match tag {
             // Asynchronous messages: always the client's.
