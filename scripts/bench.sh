@@ -1,0 +1,657 @@
+#!/usr/bin/env bash
+# Benchmark: direct PostgreSQL vs PgBouncer vs shardwire (1 and 4 shards), with pgbench.
+#
+#   scripts/bench.sh [--rounds N] [--duration SECONDS] [--scale N]   full run → BENCHMARKS.md
+#   scripts/bench.sh --smoke                                         seconds long; exit ≠ 0 if
+#                                                                    any run against shardwire
+#                                                                    had errors (CI)
+#
+# Builds the release binary, starts the benchmark's own PostgreSQL 15 clusters with
+# scripts/shards.sh (one shard on 35433, four on 35434-35437; shared_buffers 256MB,
+# max_connections 300, and — like every cluster of shards.sh — fsync, synchronous_commit
+# and full_page_writes off), loads pgbench data, starts PgBouncer (Debian's, transaction
+# pooling, pool size = shardwire's pool.size) on 36432, shardwire with
+# scripts/bench/one-shard.yaml on 36433 and with scripts/bench/four-shard.yaml on 36434,
+# then runs interleaved rounds (the order of the targets rotates every round) of:
+#   -S (select-only) with -M simple / extended / prepared, 16 clients, 2 threads
+#   a point read (scripts/bench/point-read.sql) at 1 client
+#   the TPC-B-like default at 8 clients (not through 4 shards: see four-shard.yaml)
+#   a connect storm, -C -S with 10 clients × 50 transactions = 500 connections
+# and then, through shardwire (1 shard, restarted with pool.size 16): 10,000 idle clients
+# held open (router RSS per client) and 1,000 concurrent -S clients for 30 s;
+# and prints one table (medians over rounds, ratios, latency percentiles from pgbench's
+# per-transaction logs, each proxy's CPU per transaction from /proc/<pid>/stat).
+# Everything it started is stopped on exit, also on failure or Ctrl-C.
+#
+# Environment (flags win): BENCH_ROUNDS (3), BENCH_DURATION (10 s), BENCH_SCALE (10),
+# BENCH_IDLE (10000), BENCH_CONCURRENT (1000), BENCH_CONCURRENT_SECS (30) (0 = skip),
+# BENCH_OUT (BENCHMARKS.md in the repo; full mode only), BENCH_KEEP=1 keeps the work
+# directory (pgbench outputs, configs, logs) instead of deleting it. SHARDWIRE_BIN=path
+# benchmarks that binary instead of building a release one (e.g. CI's debug build for
+# --smoke; the numbers of a debug build mean nothing).
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PROG="bench"
+# shellcheck source=scripts/common.sh
+source "$REPO_ROOT/scripts/common.sh"
+cd "$REPO_ROOT"
+
+usage() {
+    sed -n '2,/^set -e/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
+    exit 2
+}
+
+SMOKE=0
+ROUNDS="${BENCH_ROUNDS:-}"
+DURATION="${BENCH_DURATION:-}"
+SCALE="${BENCH_SCALE:-}"
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+    --smoke) SMOKE=1 ;;
+    --rounds) ROUNDS="${2:?--rounds needs a number}"; shift ;;
+    --rounds=*) ROUNDS="${1#*=}" ;;
+    --duration) DURATION="${2:?--duration needs seconds}"; shift ;;
+    --duration=*) DURATION="${1#*=}" ;;
+    --scale) SCALE="${2:?--scale needs a number}"; shift ;;
+    --scale=*) SCALE="${1#*=}" ;;
+    -h | --help) usage ;;
+    *) usage ;;
+    esac
+    shift
+done
+
+if [[ "$SMOKE" == 1 ]]; then
+    ROUNDS="${ROUNDS:-1}" DURATION="${DURATION:-2}" SCALE="${SCALE:-1}"
+    S_CLIENTS=4 S_THREADS=2 TPCB_CLIENTS=2 STORM_CLIENTS=4 STORM_TXNS=5
+    IDLE_N="${BENCH_IDLE:-200}" CONC_N="${BENCH_CONCURRENT:-50}" CONC_SECS="${BENCH_CONCURRENT_SECS:-2}"
+else
+    ROUNDS="${ROUNDS:-3}" DURATION="${DURATION:-10}" SCALE="${SCALE:-10}"
+    S_CLIENTS=16 S_THREADS=2 TPCB_CLIENTS=8 STORM_CLIENTS=10 STORM_TXNS=50
+    IDLE_N="${BENCH_IDLE:-10000}" CONC_N="${BENCH_CONCURRENT:-1000}" CONC_SECS="${BENCH_CONCURRENT_SECS:-30}"
+fi
+for v in IDLE_N CONC_N CONC_SECS; do
+    [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a number (got '${!v}')"
+done
+for v in ROUNDS DURATION SCALE; do
+    [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer (got '${!v}')"
+done
+
+ONE_CFG=scripts/bench/one-shard.yaml
+FOUR_CFG=scripts/bench/four-shard.yaml
+DB=bench DB_USER=bench DB_PASSWORD=bench-secret
+DIRECT_PORT=35433 FOUR_PORTS=(35434 35435 35436 35437)
+PGB_PORT=36432 SW1_PORT=36433 SW4_PORT=36434
+FOUR_SLOTS=("0 255" "256 511" "512 767" "768 1023")
+PG_SETTINGS=("shared_buffers=256MB" "max_connections=300")
+export PGPASSWORD="$DB_PASSWORD" PGCONNECT_TIMEOUT=10
+CLK_TCK="$(getconf CLK_TCK)"
+export CLK_TCK
+
+# ---------------------------------------------------------------------------
+# Cleanup: everything this run started, by pid or by the scripts that started it.
+
+WORK=""
+SW_PIDS=()
+IDLE_PID=""
+PGB_PID=""
+STOP_CONFIGS=()
+
+cleanup() {
+    local rc=$? pid cfg
+    trap - EXIT INT TERM
+    if [[ -n "$IDLE_PID" ]]; then
+        kill "$IDLE_PID" 2>/dev/null || true
+    fi
+    for pid in "${SW_PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    if [[ -n "$PGB_PID" ]]; then
+        kill "$PGB_PID" 2>/dev/null || true
+    fi
+    for pid in "${SW_PIDS[@]}" $PGB_PID; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    for cfg in "${STOP_CONFIGS[@]}"; do
+        bash scripts/shards.sh stop "$cfg" >/dev/null 2>&1 || warn "could not stop the shards of $cfg"
+    done
+    if [[ -n "$WORK" && -d "$WORK" ]]; then
+        if [[ "${BENCH_KEEP:-0}" == 1 ]]; then
+            say "work directory kept: $WORK"
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------
+# Setup
+
+ensure_tools() {
+    ensure_system_packages
+    local missing=()
+    command -v pgbouncer >/dev/null 2>&1 || [[ -x /usr/sbin/pgbouncer ]] || missing+=(pgbouncer)
+    command -v python3 >/dev/null 2>&1 || missing+=(python3)
+    command -v pgbench >/dev/null 2>&1 || missing+=(postgresql-contrib)
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and apt-get is unavailable"
+    say "installing ${missing[*]} with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    # The Debian package would start a system PgBouncer on 6432; keep services down.
+    local policy=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]] && [[ "$(id -u)" -eq 0 ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && policy=1
+    fi
+    as_root apt-get update -q </dev/null || die "apt-get update failed"
+    as_root apt-get install -y -q "${missing[@]}" </dev/null || {
+        [[ "$policy" == 1 ]] && rm -f /usr/sbin/policy-rc.d
+        die "apt-get install ${missing[*]} failed"
+    }
+    [[ "$policy" == 1 ]] && rm -f /usr/sbin/policy-rc.d
+    return 0
+}
+
+PGBOUNCER_BIN=""
+find_pgbouncer() {
+    PGBOUNCER_BIN="$(command -v pgbouncer 2>/dev/null || echo /usr/sbin/pgbouncer)"
+    [[ -x "$PGBOUNCER_BIN" ]] || die "pgbouncer not found"
+}
+
+psql_at() { # port sql...
+    local port="$1"
+    shift
+    psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U "$DB_USER" -d "$DB" "$@" </dev/null
+}
+
+# Start the shards of a config (recording that we must stop them), then apply the
+# benchmark settings with ALTER SYSTEM and restart if any differed.
+start_cluster() {
+    local cfg="$1" port restart=0 s name val cur
+    shift
+    STOP_CONFIGS+=("$cfg")
+    bash scripts/shards.sh start "$cfg" >/dev/null || die "could not start the shards of $cfg"
+    for port in "$@"; do
+        for s in "${PG_SETTINGS[@]}"; do
+            name="${s%%=*}" val="${s#*=}"
+            cur="$(psql_at "$port" -tAc "SHOW $name")" || die "cannot reach PostgreSQL on $port"
+            if [[ "$cur" != "$val" ]]; then
+                psql_at "$port" -c "ALTER SYSTEM SET $name = '$val'" >/dev/null
+                restart=1
+            fi
+        done
+    done
+    if [[ "$restart" == 1 ]]; then
+        say "applying benchmark settings (${PG_SETTINGS[*]}) to $cfg: restarting"
+        bash scripts/shards.sh restart "$cfg" >/dev/null || die "could not restart the shards of $cfg"
+    fi
+}
+
+# Load pgbench data at $SCALE into one server; with "LO HI", keep only the
+# pgbench_accounts rows of hash slots LO..HI. A table comment marks a finished load, so a
+# re-run with the same scale and slots skips it.
+load_pgbench() {
+    local port="$1" slots="${2:-}" mark have
+    mark="shardwire-bench scale=$SCALE slots=${slots:-all}"
+    have="$(psql_at "$port" -tAc "SELECT obj_description('pgbench_accounts'::regclass, 'pg_class')" 2>/dev/null || true)"
+    if [[ "$have" == "$mark" ]]; then
+        say "port $port: pgbench data already loaded ($mark)"
+    else
+        say "port $port: loading pgbench data ($mark)"
+        pgbench -h 127.0.0.1 -p "$port" -U "$DB_USER" -i -s "$SCALE" -I dtGvp -q "$DB" \
+            </dev/null >"$WORK/load-$port.log" 2>&1 || {
+            cat "$WORK/load-$port.log" >&2
+            die "pgbench -i failed on port $port"
+        }
+        if [[ -n "$slots" ]]; then
+            local lo="${slots% *}" hi="${slots#* }"
+            psql_at "$port" >/dev/null <<SQL
+DELETE FROM pgbench_accounts
+ WHERE ((((hashint8extended(aid, 0) % 1024) + 1024) % 1024) NOT BETWEEN $lo AND $hi);
+VACUUM FULL pgbench_accounts;
+SQL
+        fi
+        psql_at "$port" -c "VACUUM ANALYZE" -c "COMMENT ON TABLE pgbench_accounts IS '$mark'" >/dev/null
+    fi
+    # TPC-B-like runs only append to pgbench_history; start every run from an empty one.
+    psql_at "$port" -c "TRUNCATE pgbench_history" -c "CHECKPOINT" >/dev/null
+}
+
+wait_ready() { # port what pid
+    local port="$1" what="$2" pid="${3:-}" i
+    for i in $(seq 100); do
+        if psql_at "$port" -tAc "SELECT 1" >/dev/null 2>&1; then
+            return 0
+        fi
+        if [[ -n "$pid" ]] && ! kill -0 "$pid" 2>/dev/null; then
+            break
+        fi
+        sleep 0.2
+    done
+    die "$what on port $port did not come up (log: see $WORK)"
+}
+
+start_pgbouncer() {
+    local dir="$WORK/pgbouncer" pool
+    pool="$(sed -n 's/^ *size: *\([0-9]*\).*/\1/p' "$ONE_CFG" | head -n1)"
+    [[ -n "$pool" ]] || die "no pool.size in $ONE_CFG"
+    POOL_SIZE="$pool"
+    mkdir -p "$dir"
+    # The role's SCRAM verifier, as stored by the server: PgBouncer then checks clients
+    # without deriving a key per connection (as a production setup would), and logs in
+    # to the server with the client's SCRAM proof (pass-through). Plaintext if the
+    # verifier cannot be read.
+    local secret
+    secret="$(psql_at "$DIRECT_PORT" -tAc \
+        "SELECT rolpassword FROM pg_authid WHERE rolname = current_user" 2>/dev/null || true)"
+    [[ "$secret" == SCRAM-SHA-256\$* ]] || secret="$DB_PASSWORD"
+    PGB_AUTH="$([[ "$secret" == SCRAM-SHA-256\$* ]] && echo "the role's SCRAM verifier from pg_authid" || echo "the plaintext password")"
+    printf '"%s" "%s"\n' "$DB_USER" "$secret" >"$dir/userlist.txt"
+    cat >"$dir/pgbouncer.ini" <<EOF
+[databases]
+$DB = host=127.0.0.1 port=$DIRECT_PORT dbname=$DB
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGB_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $dir/userlist.txt
+pool_mode = transaction
+default_pool_size = $pool
+max_client_conn = 2000
+logfile = $dir/pgbouncer.log
+log_connections = 0
+log_disconnections = 0
+EOF
+    if [[ "$(id -u)" -eq 0 ]]; then
+        chown -R postgres: "$dir"
+        chmod 700 "$dir"
+    fi
+    # In the foreground as our own child (setpriv execs, so $! is PgBouncer itself): its
+    # CPU is read from /proc/$!/stat, and the exit trap stops and reaps it.
+    local run=()
+    if [[ "$(id -u)" -eq 0 ]]; then
+        run=(setpriv --reuid=postgres --regid=postgres --init-groups)
+    fi
+    (cd / && exec "${run[@]}" "$PGBOUNCER_BIN" -q "$dir/pgbouncer.ini") </dev/null >/dev/null 2>&1 &
+    PGB_PID=$!
+    wait_ready "$PGB_PORT" pgbouncer "$PGB_PID"
+}
+
+start_shardwire() { # config port log → sets LAST_PID
+    local cfg="$1" port="$2" log="$3"
+    "$SW_BIN" serve --config "$cfg" --listen "127.0.0.1:$port" --log-level warn \
+        </dev/null >"$log" 2>&1 &
+    LAST_PID=$!
+    SW_PIDS+=("$LAST_PID")
+    wait_ready "$port" "shardwire ($cfg)" "$LAST_PID"
+}
+
+# utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/<pid>/stat; the
+# command name in field 2 may hold spaces, so count from the closing parenthesis).
+proc_ticks() {
+    local stat
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || { echo -; return; }
+    stat="${stat##*) }"
+    # shellcheck disable=SC2086
+    set -- $stat
+    echo $((${12} + ${13}))
+}
+
+# ---------------------------------------------------------------------------
+# Runs
+
+declare -A TARGET_PORT TARGET_PID
+RUNS=""
+
+run_one() { # workload target round -- pgbench options
+    local wl="$1" target="$2" round="$3" dir port pid before after rc
+    shift 4
+    dir="$RUNS/$wl/$target/r$round"
+    mkdir -p "$dir"
+    port="${TARGET_PORT[$target]}" pid="${TARGET_PID[$target]:-}"
+    local cmd=(pgbench -h 127.0.0.1 -p "$port" -U "$DB_USER" -n "$@")
+    printf '%s ' "${cmd[@]}" "-l --log-prefix=<dir>/log $DB" >"$dir/cmd"
+    before=- after=-
+    [[ -n "$pid" ]] && before="$(proc_ticks "$pid")"
+    rc=0
+    timeout -k 10 "$((DURATION * 4 + CONC_SECS * 2 + 120))" "${cmd[@]}" -l --log-prefix="$dir/log" "$DB" \
+        </dev/null >"$dir/out" 2>"$dir/err" || rc=$?
+    [[ -n "$pid" ]] && after="$(proc_ticks "$pid")"
+    echo "$rc" >"$dir/rc"
+    if [[ "$before" != - && "$after" != - ]]; then echo "$before $after" >"$dir/cpu"; else echo - >"$dir/cpu"; fi
+    python3 "$REPO_ROOT/scripts/bench/report.py" summarize "$dir"
+    local tps
+    tps="$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$dir/out")"
+    printf '%s: round %s  %-11s %-12s tps %-10s%s\n' "$PROG" "$round" "$wl" "$target" "${tps:-?}" \
+        "$([[ "$rc" == 0 ]] || echo "  (exit $rc: $(grep -m1 -iE 'error|abort' "$dir/err" "$dir/out" 2>/dev/null | cut -c1-150))")"
+}
+
+# Targets in an order rotated by the round number.
+rotated() { # round target...
+    local r="$1" n i
+    shift
+    local t=("$@")
+    n=${#t[@]}
+    for ((i = 0; i < n; i++)); do
+        printf '%s\n' "${t[$(((i + r) % n))]}"
+    done
+}
+
+run_round() {
+    local r="$1" t mode wl
+    local all=(direct pgbouncer shardwire shardwire-4)
+    for mode in simple extended prepared; do
+        wl="S-$mode"
+        for t in $(rotated "$r" "${all[@]}"); do
+            run_one "$wl" "$t" "$r" -- -S -M "$mode" -c "$S_CLIENTS" -j "$S_THREADS" -T "$DURATION"
+        done
+    done
+    for t in $(rotated "$r" "${all[@]}"); do
+        run_one point "$t" "$r" -- -f "$REPO_ROOT/scripts/bench/point-read.sql" -s "$SCALE" \
+            -M simple -c 1 -j 1 -T "$DURATION"
+    done
+    for t in $(rotated "$r" direct pgbouncer shardwire); do
+        run_one tpcb "$t" "$r" -- -b tpcb-like -M simple -c "$TPCB_CLIENTS" -j 2 -T "$DURATION"
+    done
+    for t in $(rotated "$r" "${all[@]}"); do
+        run_one storm "$t" "$r" -- -S -M simple -C -c "$STORM_CLIENTS" -j 2 -t "$STORM_TXNS"
+    done
+}
+
+# Issue 3 item 4: many clients. Restart the 1-shard router with pool.size 16, hold
+# $IDLE_N idle clients open (scripts/bench/idle_clients.py: real startup + SCRAM) and read
+# its RSS before, with all of them connected, and after they left; then run pgbench with
+# $CONC_N clients for $CONC_SECS s over that pool of 16.
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+connections_test() {
+    local cfg="$WORK/one-shard-pool16.yaml" old="${TARGET_PID[shardwire]}" pid rss0 rss1 rss2 line
+    sed 's/^\(  size:\) *[0-9]*/\1 16/' "$ONE_CFG" >"$cfg"
+    grep -q '^  size: 16' "$cfg" || { warn "could not set pool.size 16 in a copy of $ONE_CFG"; return 1; }
+    say "connections: restarting shardwire (1 shard) with pool.size 16"
+    kill "$old" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
+    wait "$old" 2>/dev/null || true
+    start_shardwire "$cfg" "$SW1_PORT" "$WORK/shardwire-1-pool16.log"
+    pid="$LAST_PID"
+    TARGET_PID[shardwire]="$pid"
+    psql_at "$SW1_PORT" -tAc "SELECT abalance FROM pgbench_accounts WHERE aid = 1" >/dev/null ||
+        { warn "the restarted router does not answer"; return 1; }
+    rss0="$(rss_kb "$pid")"
+
+    say "connections: opening $IDLE_N idle clients"
+    python3 "$REPO_ROOT/scripts/bench/idle_clients.py" 127.0.0.1 "$SW1_PORT" "$DB_USER" \
+        "$DB_PASSWORD" "$DB" "$IDLE_N" 200 </dev/null >"$WORK/idle.out" 2>"$WORK/idle.err" &
+    IDLE_PID=$!
+    for _ in $(seq 6000); do
+        grep -q '^connected' "$WORK/idle.out" 2>/dev/null && break
+        kill -0 "$IDLE_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    line="$(grep -m1 '^connected' "$WORK/idle.out" 2>/dev/null || echo "connected 0 $IDLE_N ?")"
+    sleep 1
+    rss1="$(rss_kb "$pid")"
+    kill "$IDLE_PID" 2>/dev/null || true
+    wait "$IDLE_PID" 2>/dev/null || true
+    IDLE_PID=""
+    sleep 2
+    rss2="$(rss_kb "$pid")"
+    read -r _ ok failed secs <<<"$line"
+    say "connections: $ok connected, $failed failed in $secs s; RSS ${rss0} kB → ${rss1} kB → ${rss2} kB"
+    {
+        echo "pool=16"
+        echo "idle_n=$IDLE_N"
+        echo "idle_ok=$ok"
+        echo "idle_failed=$failed"
+        echo "idle_secs=$secs"
+        echo "idle_error=$(head -n1 "$WORK/idle.err" | cut -c1-200)"
+        echo "rss0_kb=$rss0"
+        echo "rss1_kb=$rss1"
+        echo "rss2_kb=$rss2"
+        echo "conc_n=$CONC_N"
+        echo "conc_secs=$CONC_SECS"
+    } >"$RUNS/connections.env"
+
+    say "connections: $CONC_N concurrent clients for $CONC_SECS s"
+    run_one conc shardwire 1 -- -S -M simple -c "$CONC_N" -j 2 -T "$CONC_SECS"
+}
+
+# ---------------------------------------------------------------------------
+# The report
+
+machine_description() {
+    local model mem pgv pgbv rev
+    model="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
+    mem="$(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+    pgv="$(postgres_version)"
+    pgbv="$("$PGBOUNCER_BIN" --version 2>/dev/null | head -n1)"
+    rev="$(git -C "$REPO_ROOT" describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)"
+    cat <<EOF
+- date: $(date -u '+%Y-%m-%d %H:%M UTC')
+- CPU: $(nproc) × ${model:-unknown}
+- memory: $mem
+- kernel: $(uname -sr)
+- load average at start: $LOAD_AT_START
+- PostgreSQL: $pgv; $(pgbench --version)
+- PgBouncer: $pgbv
+- shardwire: git $rev, $SW_BUILD ($(rustc --version 2>/dev/null || echo rustc))
+EOF
+}
+
+postgres_version() {
+    psql_at "$DIRECT_PORT" -tAc "SELECT version()" 2>/dev/null | sed 's/ on .*//' || echo unknown
+}
+
+write_report() { # file
+    local file="$1" wl label
+    {
+        echo "# shardwire benchmarks"
+        echo
+        echo "Written by \`scripts/bench.sh\` (do not edit by hand; re-run it). One run; every"
+        echo "figure is the median over $ROUNDS interleaved rounds (the order of the targets"
+        echo "rotates every round), with the min–max of the rounds beside it. The machine is"
+        echo "shared and noisy: compare the ratios, not the absolute numbers."
+        echo
+        echo "## Machine"
+        echo
+        machine_description
+        echo
+        echo "## Results"
+        echo
+        echo "scale $SCALE, $ROUNDS rounds of ${DURATION} s per timed run; pool size $POOL_SIZE"
+        echo "server connections for PgBouncer and shardwire alike. Latency columns: pgbench's"
+        echo "\`latency average\`, and p50/p99 of its per-transaction log (\`-l\`); proxy CPU is"
+        echo "the proxy process's utime+stime (/proc/<pid>/stat) over the run divided by the"
+        echo "transactions processed. \"shardwire 4 shards\" is compared with direct PostgreSQL"
+        echo "on one server and with shardwire on one shard (notes)."
+        echo
+        python3 "$REPO_ROOT/scripts/bench/report.py" table "$RUNS"
+        echo
+        if [[ -s "$RUNS/connections.env" ]]; then
+            echo "## Many clients (issue 3 item 4)"
+            echo
+            echo "shardwire 1 shard restarted with pool.size 16 after the rounds; idle clients are"
+            echo "opened by \`scripts/bench/idle_clients.py\` (startup + SCRAM, then idle), RSS is"
+            echo "VmRSS of the router process."
+            echo
+            python3 "$REPO_ROOT/scripts/bench/report.py" connections "$RUNS" || true
+            echo
+            echo "\`pgbench -h 127.0.0.1 -p $SW1_PORT -U $DB_USER -n -S -M simple -c $CONC_N -j 2 -T $CONC_SECS $DB\`"
+            echo
+        fi
+        echo "## Setup"
+        echo
+        echo "- PostgreSQL 15 clusters from \`scripts/shards.sh\` with ALTER SYSTEM"
+        echo "  ${PG_SETTINGS[*]}; shards.sh runs every cluster with fsync, synchronous_commit"
+        echo "  and full_page_writes **off** (not crash safe; the same for every target)."
+        echo "  One server on $DIRECT_PORT (direct, PgBouncer, shardwire 1 shard); four on"
+        echo "  ${FOUR_PORTS[*]} for shardwire 4 shards."
+        echo "- Data: \`pgbench -i -s $SCALE -I dtGvp\` on every server; on the four shards each"
+        echo "  keeps only its own hash slots of pgbench_accounts:"
+        echo "  \`DELETE FROM pgbench_accounts WHERE ((((hashint8extended(aid, 0) % 1024) + 1024) % 1024) NOT BETWEEN lo AND hi)\`"
+        echo "  (s0 0-255, s1 256-511, s2 512-767, s3 768-1023), then \`VACUUM FULL\`."
+        echo "- PgBouncer $PGB_PORT: \`pgbouncer -q pgbouncer.ini\` as the postgres user;"
+        echo "  userlist.txt holds $PGB_AUTH; pgbouncer.ini:"
+        echo
+        echo '```ini'
+        sed "s#$WORK/pgbouncer#<dir>#g" "$WORK/pgbouncer/pgbouncer.ini"
+        echo '```'
+        echo
+        echo "- shardwire $SW1_PORT: \`shardwire serve --config $ONE_CFG --listen 127.0.0.1:$SW1_PORT --log-level warn\`"
+        echo "- shardwire $SW4_PORT: \`shardwire serve --config $FOUR_CFG --listen 127.0.0.1:$SW4_PORT --log-level warn\`"
+        echo
+        echo "## Commands"
+        echo
+        echo "Targets: direct = port $DIRECT_PORT, PgBouncer = $PGB_PORT, shardwire 1 shard ="
+        echo "$SW1_PORT, shardwire 4 shards = $SW4_PORT (\`-p\` below is the first target's);"
+        echo "PGPASSWORD=$DB_PASSWORD."
+        echo
+        echo '```sh'
+        while IFS=$'\t' read -r wl label; do
+            local first
+            first="$(find "$RUNS/$wl" -path '*/r1/cmd' | sort | head -n1)"
+            [[ -n "$first" ]] || continue
+            echo "# $label"
+            sed "s#$REPO_ROOT/##g; s/ *$//" "$first"
+            echo
+        done <"$RUNS/workloads.tsv"
+        echo '```'
+        echo
+        echo "\`scripts/bench/point-read.sql\`:"
+        echo
+        echo '```'
+        cat "$REPO_ROOT/scripts/bench/point-read.sql"
+        echo '```'
+    } >"$file"
+}
+
+# ---------------------------------------------------------------------------
+
+main() {
+    LOAD_AT_START="$(cut -d' ' -f1-3 /proc/loadavg)"
+    ensure_tools
+    find_pgbouncer
+    # Thousands of client sockets (pgbench, idle_clients.py, the routers, PgBouncer).
+    ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+    WORK="$(mktemp -d /tmp/shardwire-bench.XXXXXX)"
+    chmod 755 "$WORK"
+    RUNS="$WORK/runs"
+    mkdir -p "$RUNS"
+
+    # One benchmark at a time on this machine (the ports are fixed).
+    exec 8>>/tmp/shardwire-bench.lock
+    flock -n 8 || die "another scripts/bench.sh is running (lock /tmp/shardwire-bench.lock)"
+
+    local built
+    if [[ -n "${SHARDWIRE_BIN:-}" ]]; then
+        [[ -x "$SHARDWIRE_BIN" ]] || die "SHARDWIRE_BIN=$SHARDWIRE_BIN is not an executable"
+        built="$SHARDWIRE_BIN"
+        SW_BUILD="given binary $SHARDWIRE_BIN"
+        say "using SHARDWIRE_BIN=$built (no build)"
+    else
+        say "building shardwire (cargo build --release --bin shardwire)"
+        cargo build --release --bin shardwire </dev/null || die "release build failed"
+        built="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/shardwire"
+        SW_BUILD="release build"
+    fi
+    # A private copy: a concurrent build cannot swap the binary under the benchmark.
+    SW_BIN="$WORK/shardwire"
+    cp "$built" "$SW_BIN"
+    export SHARDWIRE_BIN="$SW_BIN"
+
+    say "starting PostgreSQL (one server on $DIRECT_PORT, four shards on ${FOUR_PORTS[*]})"
+    start_cluster "$ONE_CFG" "$DIRECT_PORT"
+    start_cluster "$FOUR_CFG" "${FOUR_PORTS[@]}"
+
+    load_pgbench "$DIRECT_PORT"
+    local i
+    for i in "${!FOUR_PORTS[@]}"; do
+        load_pgbench "${FOUR_PORTS[$i]}" "${FOUR_SLOTS[$i]}"
+    done
+
+    say "starting PgBouncer on $PGB_PORT and shardwire on $SW1_PORT (1 shard) and $SW4_PORT (4 shards)"
+    start_pgbouncer
+    start_shardwire "$ONE_CFG" "$SW1_PORT" "$WORK/shardwire-1.log"
+    local sw1="$LAST_PID"
+    start_shardwire "$FOUR_CFG" "$SW4_PORT" "$WORK/shardwire-4.log"
+    local sw4="$LAST_PID"
+
+    TARGET_PORT=([direct]="$DIRECT_PORT" [pgbouncer]="$PGB_PORT" [shardwire]="$SW1_PORT" [shardwire-4]="$SW4_PORT")
+    TARGET_PID=([pgbouncer]="$PGB_PID" [shardwire]="$sw1" [shardwire-4]="$sw4")
+
+    printf '%s\t%s\n' \
+        S-simple "\`-S\` simple, $S_CLIENTS clients" \
+        S-extended "\`-S\` extended, $S_CLIENTS clients" \
+        S-prepared "\`-S\` prepared, $S_CLIENTS clients" \
+        point "point read, 1 client" \
+        tpcb "TPC-B-like, $TPCB_CLIENTS clients" \
+        storm "connect storm \`-C\`, $((STORM_CLIENTS * STORM_TXNS)) connections" \
+        >"$RUNS/workloads.tsv"
+
+    if [[ "$SMOKE" == 0 ]]; then
+        say "warm-up: 2 s of -S on every target (not recorded)"
+        local t
+        for t in direct pgbouncer shardwire shardwire-4; do
+            pgbench -h 127.0.0.1 -p "${TARGET_PORT[$t]}" -U "$DB_USER" -n -S -c "$S_CLIENTS" \
+                -j "$S_THREADS" -T 2 "$DB" </dev/null >/dev/null 2>&1 || warn "warm-up against $t failed"
+        done
+    fi
+
+    local r
+    for ((r = 1; r <= ROUNDS; r++)); do
+        say "round $r of $ROUNDS"
+        run_round "$r"
+    done
+    if [[ "$IDLE_N" -gt 0 || "$CONC_N" -gt 0 ]]; then
+        connections_test || warn "the many-clients test could not run"
+        sw1="${TARGET_PID[shardwire]}"
+    fi
+
+    local report
+    if [[ "$SMOKE" == 1 ]]; then
+        report="$WORK/BENCHMARKS.smoke.md"
+    else
+        report="${BENCH_OUT:-$REPO_ROOT/BENCHMARKS.md}"
+    fi
+    write_report "$report"
+    echo
+    sed -n '/^## Results/,/^## Setup/p' "$report" | sed '$d'
+    [[ "$SMOKE" == 1 ]] || say "wrote $report"
+
+    # Router crashes or errors show up in their logs.
+    for f in "$WORK"/shardwire-*.log; do
+        if [[ -s "$f" ]]; then
+            say "$(basename "$f") (last lines):"
+            tail -n 5 "$f" | sed 's/^/    /'
+        fi
+    done
+    for pid in "$sw1" "$sw4"; do
+        kill -0 "$pid" 2>/dev/null || die "a shardwire process ($pid) died during the benchmark"
+    done
+
+    local bad
+    if ! bad="$(python3 "$REPO_ROOT/scripts/bench/report.py" errors "$RUNS")"; then
+        printf '%s\n' "$bad" >&2
+        if [[ "$SMOKE" == 1 ]]; then
+            die "pgbench runs against shardwire (or direct PostgreSQL) had errors"
+        fi
+        warn "some runs against shardwire (or direct PostgreSQL) had errors (see the table)"
+    fi
+    if ! python3 "$REPO_ROOT/scripts/bench/report.py" connections "$RUNS" >/dev/null; then
+        [[ "$SMOKE" == 1 ]] && die "the many-clients test had failed connections or errors"
+        warn "the many-clients test had failed connections or errors (see the report)"
+    fi
+    say "done"
+}
+
+# One line: bash has read it whole before main runs, so editing this file during a
+# run cannot feed the running shell new commands.
+main; exit
