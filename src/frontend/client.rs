@@ -4,7 +4,7 @@
 //! `wbuf` and is sent by `flush`, once per batch of messages.
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::protocol::codec::{decode_raw, decode_startup, FrameError, StartupError, StartupPacket};
@@ -48,21 +48,41 @@ impl ClientConn {
         self.rbuf.len()
     }
 
-    /// Read whatever the client sent next into the buffer. Cancel-safe.
+    /// Read whatever the client sent next into the buffer. Cancel-safe. Waits for the
+    /// socket to be readable before growing the buffer, so a client that sits idle
+    /// holds no read buffer.
     pub async fn fill(&mut self) -> Result<(), ClientError> {
-        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-            self.rbuf.reserve(8192);
+        loop {
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 64 * 1024 {
+                // A big message came and went: don't keep its buffer.
+                self.rbuf = BytesMut::new();
+            }
+            self.stream.readable().await?;
+            if self.rbuf.capacity() - self.rbuf.len() < 2048 {
+                self.rbuf.reserve(4096);
+            }
+            match self.stream.try_read_buf(&mut self.rbuf) {
+                Ok(0) => return Err(ClientError::Closed),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
-        let n = self.stream.read_buf(&mut self.rbuf).await?;
-        if n == 0 {
-            return Err(ClientError::Closed);
-        }
-        Ok(())
     }
 
     /// Change the largest message accepted (small before authentication).
     pub fn set_max_message(&mut self, max: u64) {
         self.max_message = max;
+    }
+
+    /// Give back buffer memory while the client is idle between requests.
+    pub fn shrink(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+            self.rbuf = BytesMut::new();
+        }
+        if self.wbuf.is_empty() && self.wbuf.capacity() > 16 * 1024 {
+            self.wbuf = BytesMut::new();
+        }
     }
 
     /// Read the untagged first packet of a connection.
@@ -102,7 +122,7 @@ impl ClientConn {
             self.wbuf.clear();
             if self.wbuf.capacity() > 1 << 20 {
                 // Don't keep a huge buffer alive for an idle client.
-                self.wbuf = BytesMut::with_capacity(8192);
+                self.wbuf = BytesMut::new();
             }
         }
         Ok(())

@@ -207,3 +207,16 @@ mod tokio_util_tracker {
         }
     }
 }
+
+#[cfg(test)]
+mod size_tests {
+    fn future_size<A, B, C, Fut>(_f: fn(A, B, C) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    #[test]
+    fn print_session_future_size() {
+        let n = future_size(super::session::serve);
+        println!("session future: {n} bytes");
+    }
+}
