@@ -173,7 +173,7 @@ impl Session {
 
     pub(super) async fn extended(&mut self, frame: BytesMut) -> Result<(), SessionError> {
         let tag = frame[0];
-        if self.skipping && tag != b'S' {
+        if self.skipping && tag != b'S' && tag != b'H' {
             return Ok(());
         }
         let frame = frame.freeze();

@@ -358,8 +358,9 @@ fn instantiate(
 /// Whether `text` may create session state the router does not track (see
 /// `StatementPlan::session_effects`). Errs towards yes: a false alarm costs one reset.
 fn has_session_effects(text: &str) -> bool {
-    const MARKERS: [&str; 7] = [
+    const MARKERS: [&str; 8] = [
         "set_config",
+        "into temp",
         "advisory_lock",
         "temporary",
         "temp table",
@@ -367,6 +368,10 @@ fn has_session_effects(text: &str) -> bool {
         "temp view",
         "with hold",
     ];
-    let lower = text.to_ascii_lowercase();
+    let lower = text
+        .to_ascii_lowercase()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     MARKERS.iter().any(|m| lower.contains(m))
 }
