@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bb8::{ManageConnection, PooledConnection, RunError};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{BackendError, ServerConn};
 use crate::topology::{Shard, ShardId};
@@ -99,12 +99,32 @@ impl ManageConnection for ShardManager {
 }
 
 /// A connection checked out of a shard's pool; goes back (or is dropped if unusable)
-/// when this is dropped.
-pub type Checkout = PooledConnection<'static, ShardManager>;
+/// when this is dropped, and the next client in line gets its turn.
+pub struct Checkout {
+    conn: PooledConnection<'static, ShardManager>,
+    /// This client's turn in the shard's first-come, first-served queue.
+    _turn: OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Checkout {
+    type Target = ServerConn;
+    fn deref(&self) -> &ServerConn {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Checkout {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        &mut self.conn
+    }
+}
 
 struct ShardPool {
     name: String,
     pool: bb8::Pool<ShardManager>,
+    /// One permit per pooled connection, handed out strictly in arrival order (bb8 lets
+    /// a newcomer take a connection that frees up ahead of clients already waiting).
+    turns: Arc<Semaphore>,
     failures: Arc<Failures>,
     checkout_timeout: Duration,
 }
@@ -138,6 +158,7 @@ impl Pools {
                 ShardPool {
                     name: shard.name.clone(),
                     pool,
+                    turns: Arc::new(Semaphore::new(settings.size.max(1) as usize)),
                     failures,
                     checkout_timeout: settings.checkout_timeout,
                 }
@@ -182,10 +203,28 @@ impl Pools {
                 reason: "no such shard".into(),
             })?;
         let started = Instant::now();
+        let turn = match sp.turns.clone().try_acquire_owned() {
+            Ok(t) => t,
+            Err(_) => {
+                match tokio::time::timeout(sp.checkout_timeout, sp.turns.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(t)) => t,
+                    _ => {
+                        return Err(sp.failures.since(started).unwrap_or(
+                            BackendError::CheckoutTimeout {
+                                shard: sp.name.clone(),
+                                waited_ms: sp.checkout_timeout.as_millis() as u64,
+                            },
+                        ))
+                    }
+                }
+            }
+        };
         let failed = sp.failures.notify.notified();
         tokio::pin!(failed);
         failed.as_mut().enable();
-        tokio::select! {
+        let conn = tokio::select! {
             r = sp.pool.get_owned() => match r {
                 Ok(c) => Ok(c),
                 Err(RunError::User(e)) => Err(e),
@@ -205,7 +244,8 @@ impl Pools {
                     })),
                 }
             }
-        }
+        }?;
+        Ok(Checkout { conn, _turn: turn })
     }
 
     /// Pool state for one shard: (connections, idle).

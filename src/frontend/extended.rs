@@ -294,14 +294,14 @@ impl Session {
                         type_oid: stmt.param_types.get(i).copied().unwrap_or(0),
                     })
                     .collect();
-                let routed = match sp.route(topology, &params) {
+                let routed = match sp.route_quiet(topology, &params) {
                     Ok(r) => r,
                     Err(e) => {
                         self.ext_error(route_error(&e));
                         return Ok(());
                     }
                 };
-                tracing::debug!(reason = %routed.reason, "routed");
+                tracing::debug!(route = ?routed.route, "routed");
                 let shards = match &routed.route {
                     Route::Shard(s) => vec![*s],
                     Route::Multi { shards, .. } => shards.clone(),

@@ -412,7 +412,7 @@ impl Session {
 
     async fn simple_query(&mut self, frame: BytesMut) -> Result<(), SessionError> {
         let sql = match messages::parse_query(&frame[5..]) {
-            Ok(s) => s.to_owned(),
+            Ok(s) => s,
             Err(e) if e.is_encoding() => {
                 self.fail(invalid_utf8());
                 return self.ready().await;
@@ -426,7 +426,7 @@ impl Session {
         };
         self.skipping = false;
         let router = self.shared.router.load_full();
-        let plan = match router.plan(&sql) {
+        let plan = match router.plan(sql) {
             Ok(p) => p,
             Err(e) => {
                 self.fail(route_error(&e));
@@ -455,11 +455,7 @@ impl Session {
         }
         let single = plan.statements.len() == 1;
         for stmt in &plan.statements {
-            let text = if single {
-                sql.as_str()
-            } else {
-                stmt.text.as_str()
-            };
+            let text = if single { sql } else { stmt.text.as_str() };
             if !self.execute(stmt, text).await? {
                 break;
             }
@@ -742,14 +738,14 @@ impl Session {
     /// Route a statement and run it.
     async fn run_routed(&mut self, stmt: &StatementPlan, text: &str) -> Result<bool, SessionError> {
         let router = self.shared.router.load_full();
-        let routed = match stmt.route(router.topology(), &[]) {
+        let routed = match stmt.route_quiet(router.topology(), &[]) {
             Ok(r) => r,
             Err(e) => {
                 self.fail(route_error(&e));
                 return Ok(false);
             }
         };
-        tracing::debug!(reason = %routed.reason, "routed");
+        tracing::debug!(route = ?routed.route, "routed");
         match routed.route {
             Route::Shard(s) => {
                 if let Err(e) = self.check_write(stmt, &[s]) {

@@ -194,7 +194,16 @@ impl StatementPlan {
 
     /// Decide where this statement goes given Bind parameters (`$1` = `params[0]`).
     pub fn route(&self, topology: &Topology, params: &[Param<'_>]) -> Result<Routed, RouteError> {
-        route::route_statement(&self.shape, &self.lits, topology, params)
+        route::route_statement(&self.shape, &self.lits, topology, params, true)
+    }
+
+    /// Like `route`, without the `reason` text (left empty): for the proxy's hot path.
+    pub fn route_quiet(
+        &self,
+        topology: &Topology,
+        params: &[Param<'_>],
+    ) -> Result<Routed, RouteError> {
+        route::route_statement(&self.shape, &self.lits, topology, params, false)
     }
 }
 
@@ -237,9 +246,9 @@ impl Router {
             .unwrap_or_default();
         if let Some(n) = &norm {
             if let Some(shared) = self.with_cache(version, |c| c.shapes.get(&n.key).cloned()) {
-                let plan = Arc::new(instantiate(&shared, sql, &n.lits, lits));
-                self.with_cache(version, |c| insert_bounded(&mut c.exact, sql, &plan));
-                return Ok(plan);
+                // Not added to the exact-text cache: texts that differ only in literals
+                // (every pgbench query) would churn it; this path is cheap already.
+                return Ok(Arc::new(instantiate(&shared, sql, &n.lits, lits)));
             }
         }
 

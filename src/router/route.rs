@@ -79,20 +79,27 @@ enum Use {
     Insert,
 }
 
+/// Route a statement. With `explain` false the `reason` is left empty: the hot path
+/// does not pay for formatting text nobody reads.
 pub(crate) fn route_statement(
     shape: &StmtShape,
     lits: &Literals,
     topo: &Topology,
     params: &[Param<'_>],
+    explain: bool,
 ) -> Result<Routed, RouteError> {
     let default = topo.default_shard;
     match &shape.body {
         Body::Default => Ok(Routed {
             route: Route::Shard(default),
-            reason: format!(
-                "no sharded table → default shard {}",
-                shard_name(topo, default)
-            ),
+            reason: if explain {
+                format!(
+                    "no sharded table → default shard {}",
+                    shard_name(topo, default)
+                )
+            } else {
+                String::new()
+            },
         }),
         Body::Refuse(e) => Err(e.clone()),
         Body::Ddl { tables } => {
@@ -140,6 +147,7 @@ pub(crate) fn route_statement(
             lits,
             topo,
             params,
+            explain,
             notes: Vec::new(),
             classes: Vec::new(),
         }
@@ -176,6 +184,8 @@ struct Router<'a> {
     lits: &'a Literals,
     topo: &'a Topology,
     params: &'a [Param<'a>],
+    /// Whether to write the reason string at all.
+    explain: bool,
     /// Key decisions for the reason string.
     notes: Vec<String>,
     classes: Vec<Class<'a>>,
@@ -362,7 +372,11 @@ impl<'a> Router<'a> {
             let d = self.topo.default_shard;
             return Ok(Routed {
                 route: Route::Shard(d),
-                reason: format!("{what} → default shard {}", shard_name(self.topo, d)),
+                reason: if self.explain {
+                    format!("{what} → default shard {}", shard_name(self.topo, d))
+                } else {
+                    String::new()
+                },
             });
         }
 
@@ -490,7 +504,9 @@ impl<'a> Router<'a> {
 
         if let Some(s) = single {
             self.check_unsharded_mix(&sharded, Some(s))?;
-            let reason = if self.notes.is_empty() {
+            let reason = if !self.explain {
+                String::new()
+            } else if self.notes.is_empty() {
                 format!(
                     "{} → shard {} (only shard of its distribution)",
                     self.rel_name(sharded[0]),
@@ -599,7 +615,9 @@ impl<'a> Router<'a> {
             }
         }
         let names: Vec<&str> = members.iter().map(|&r| self.rel_name(r)).collect();
-        let reason = if self.notes.is_empty() {
+        let reason = if !self.explain {
+            String::new()
+        } else if self.notes.is_empty() {
             format!(
                 "no shard key on {} → all {n} shards ({})",
                 names.join(", "),
@@ -747,7 +765,7 @@ impl<'a> Router<'a> {
         key: &KeyValue,
     ) -> Result<ShardId, RouteError> {
         let s = dist.shard_for(key)?;
-        if self.notes.len() < MAX_NOTES {
+        if self.explain && self.notes.len() < MAX_NOTES {
             let shard = shard_name(self.topo, s);
             self.notes.push(match dist.slot_of(key) {
                 Some(slot) => format!(
