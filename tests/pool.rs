@@ -1,0 +1,82 @@
+//! Pool behaviour under contention: a checkout that waits too long is an error, not a
+//! hang, and waiting clients are served in the order they arrived.
+mod common;
+
+use std::time::Duration;
+
+/// Pool of one connection per shard, short checkout timeout.
+async fn small_router(timeout: Duration) -> shardwire::server::RunningRouter {
+    let mut opts = common::options();
+    opts.pool.size = 1;
+    opts.pool.checkout_timeout = timeout;
+    shardwire::server::start(opts).await.expect("router starts")
+}
+
+#[tokio::test]
+async fn checkout_timeout_is_an_error_not_a_hang() {
+    let r = small_router(Duration::from_millis(500)).await;
+    let holder = common::connect(&r).await;
+    // An open transaction holds the default shard's only connection.
+    holder
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("begin");
+    let waiter = common::connect(&r).await;
+    let res = tokio::time::timeout(Duration::from_secs(20), waiter.simple_query("SELECT 2"))
+        .await
+        .expect("the waiting client gets an answer, not a hang");
+    let e = common::expect_sqlstate(res, "53300", "checkout beyond pool.checkout_timeout_ms");
+    assert!(
+        e.message().contains("s0"),
+        "error names the shard: {}",
+        e.message()
+    );
+    // Once the holder is done, the waiter is served again.
+    holder.batch_execute("COMMIT").await.expect("commit");
+    let rows = waiter
+        .simple_query("SELECT 3")
+        .await
+        .expect("served after the holder committed");
+    assert_eq!(rows.len(), 3);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn waiting_clients_are_served_in_arrival_order() {
+    let r = small_router(Duration::from_secs(20)).await;
+    let holder = common::connect(&r).await;
+    holder
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("begin");
+    // Five clients queue up one after another behind the held connection.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let c = common::connect(&r).await;
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            c.simple_query(&format!("SELECT {i}"))
+                .await
+                .expect("served");
+            tx.send(i).expect("send");
+        }));
+        // Let this client's statement reach the queue before the next one's.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    holder.batch_execute("COMMIT").await.expect("commit");
+    let mut order = Vec::new();
+    for _ in 0..5 {
+        order.push(
+            tokio::time::timeout(Duration::from_secs(20), rx.recv())
+                .await
+                .expect("served in time")
+                .expect("value"),
+        );
+    }
+    assert_eq!(order, vec![0, 1, 2, 3, 4], "first come, first served");
+    for t in tasks {
+        t.await.expect("task");
+    }
+    r.stop().await;
+}
