@@ -4,6 +4,7 @@
 #   cargo fmt --check
 #   cargo clippy --all-targets -- -D warnings
 #   cargo test --all-targets
+#   scripts/bench.sh --smoke
 # Every step runs even if an earlier one fails; the exit status is non-zero if any did.
 # Shards this script started are stopped on exit; shards that were already running (a
 # developer's, or another session's) are left running.
@@ -56,6 +57,9 @@ export RUST_BACKTRACE=1
 run cargo fmt --check
 run cargo clippy --all-targets -- -D warnings
 run cargo test --all-targets
+# The benchmark end to end in seconds (direct, PgBouncer, shardwire on one and four
+# shards): fails if any run through shardwire had errors. Uses the debug binary.
+run env SHARDWIRE_BIN="$SHARDWIRE_BIN" bash scripts/bench.sh --smoke
 
 if [[ ${#failed[@]} -gt 0 ]]; then
     printf '%s: FAILED: %s\n' "$PROG" "${failed[@]}" >&2

@@ -80,3 +80,48 @@ async fn waiting_clients_are_served_in_arrival_order() {
     }
     r.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_statement_has_it_cancelled() {
+    let r = common::router().await;
+    let (client, conn) = tokio_postgres::connect(&common::conninfo(&r), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let conn_task = tokio::spawn(conn);
+    let query = tokio::spawn(async move {
+        let _ = client
+            .simple_query("SELECT pg_sleep(60) /* pool_disconnect_marker */")
+            .await;
+    });
+    let s0 = common::shard(0).await;
+    let running = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+                   AND query LIKE '%pool_disconnect_marker%' AND pid <> pg_backend_pid()";
+    // Wait until the statement runs on the shard.
+    let mut seen = false;
+    for _ in 0..100 {
+        let n: i64 = s0.query_one(running, &[]).await.expect("activity").get(0);
+        if n > 0 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen, "the statement reached the shard");
+    // The client goes away: its socket closes.
+    conn_task.abort();
+    query.abort();
+    let mut gone = false;
+    for _ in 0..100 {
+        let n: i64 = s0.query_one(running, &[]).await.expect("activity").get(0);
+        if n == 0 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        gone,
+        "the shard stopped running the statement of a client that left"
+    );
+    r.stop().await;
+}

@@ -110,6 +110,13 @@ pub(crate) async fn next_frame(
         return Ok(conn.read_raw().await?);
     }
     client.flush().await?;
+    // Most answers come quickly: wait for the shard alone first, so the common case costs
+    // no extra look at the client's socket.
+    tokio::select! {
+        biased;
+        f = conn.read_raw() => return Ok(f?),
+        _ = tokio::time::sleep(WATCH_CLIENT_AFTER) => {}
+    }
     loop {
         tokio::select! {
             biased;
@@ -127,6 +134,9 @@ pub(crate) async fn next_frame(
         }
     }
 }
+
+/// How long a shard may take before the relay also watches for the client going away.
+const WATCH_CLIENT_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A shard's ErrorResponse as the client should see it. A FATAL from a shard ends that
 /// shard connection, not the client's session, so it is reported as an ERROR saying the
