@@ -58,8 +58,10 @@ impl ClientConn {
                 self.rbuf = BytesMut::new();
             }
             self.stream.readable().await?;
-            if self.rbuf.capacity() - self.rbuf.len() < 2048 {
-                self.rbuf.reserve(4096);
+            if self.rbuf.capacity() - self.rbuf.len() < 512 {
+                // Small to start with (most messages are); a large message makes the
+                // frame decoder reserve what it needs.
+                self.rbuf.reserve(1024);
             }
             match self.stream.try_read_buf(&mut self.rbuf) {
                 Ok(0) => return Err(ClientError::Closed),

@@ -34,7 +34,7 @@ const MAX_PREPARED_PER_CONN: usize = 2000;
 pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr) {
     // Until the client has authenticated, no message may be larger than a startup packet.
     client.set_max_message(crate::protocol::codec::MAX_STARTUP_LEN as u64);
-    let greeted = match startup::handshake(&mut client, &shared).await {
+    let greeted = match Box::pin(startup::handshake(&mut client, &shared)).await {
         Ok(Handshake::Session(g)) => g,
         Ok(Handshake::Done) => return,
         Err(e) => {
@@ -43,7 +43,7 @@ pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr
         }
     };
     client.set_max_message(shared.max_message);
-    shared.learn_server_params().await;
+    Box::pin(shared.learn_server_params()).await;
     let (pid, secret, active) = shared.cancels.register();
     startup::greeting(&shared, &greeted, pid, secret, &mut client.wbuf);
     if client.flush().await.is_err() {
@@ -201,8 +201,12 @@ impl Session {
                 Err(e) => return Err(e.into()),
             };
             let result = match frame[0] {
-                b'Q' => self.simple_query(frame).await,
-                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' => self.extended(frame).await,
+                // Boxed: the work of a request is a large future, and keeping it inside
+                // this loop's would make every idle client's task that large too.
+                b'Q' => Box::pin(self.simple_query(frame)).await,
+                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' => {
+                    Box::pin(self.extended(frame)).await
+                }
                 b'X' => return Ok(()),
                 // CopyData/CopyDone/CopyFail outside COPY are ignored, as PostgreSQL does.
                 b'd' | b'c' | b'f' => Ok(()),
