@@ -218,7 +218,13 @@ mod size_tests {
     fn print_session_future_size() {
         let n = future_size(super::session::serve);
         println!("session future: {n} bytes");
-        println!("Session: {} bytes", std::mem::size_of::<super::session::Session>());
-        println!("ClientConn: {} bytes", std::mem::size_of::<super::client::ClientConn>());
+        println!(
+            "Session: {} bytes",
+            std::mem::size_of::<super::session::Session>()
+        );
+        println!(
+            "ClientConn: {} bytes",
+            std::mem::size_of::<super::client::ClientConn>()
+        );
     }
 }
