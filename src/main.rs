@@ -80,14 +80,8 @@ fn main() -> ExitCode {
 
 /// `shardwire route`: explain where each statement of `sql` would go.
 fn route(path: &std::path::Path, sql: &str, params: &[String]) -> ExitCode {
-    let cfg = match Config::load(path) {
-        Ok(cfg) => cfg,
-        Err(err) => {
-            for line in err.errors() {
-                eprintln!("error: {line}");
-            }
-            return ExitCode::FAILURE;
-        }
+    let Some(cfg) = load_config(path) else {
+        return ExitCode::FAILURE;
     };
     let topology = match build::build(&cfg) {
         Ok(t) => std::sync::Arc::new(t),
@@ -165,15 +159,8 @@ fn serve(
         .with_env_filter(filter)
         .with_target(false)
         .init();
-    let cfg = match Config::load(path) {
-        Ok(cfg) => cfg,
-        Err(err) => {
-            for line in err.errors() {
-                eprintln!("error: {line}");
-            }
-            eprintln!("{}: invalid configuration", path.display());
-            return ExitCode::FAILURE;
-        }
+    let Some(cfg) = load_config(path) else {
+        return ExitCode::FAILURE;
     };
     let mut opts = match ServeOptions::from_config(&cfg) {
         Ok(o) => o,
@@ -242,15 +229,8 @@ async fn wait_for_signal() {
 /// `shardwire check`: validate the config and print the topology (or, with
 /// `--list-shards`, one tab-separated line per shard). Exit 1 with every problem listed.
 fn check(path: &std::path::Path, list_shards: bool) -> ExitCode {
-    let cfg = match Config::load(path) {
-        Ok(cfg) => cfg,
-        Err(err) => {
-            for line in err.errors() {
-                eprintln!("error: {line}");
-            }
-            eprintln!("{}: invalid configuration", path.display());
-            return ExitCode::FAILURE;
-        }
+    let Some(cfg) = load_config(path) else {
+        return ExitCode::FAILURE;
     };
     if list_shards {
         for s in &cfg.shards {
@@ -272,6 +252,20 @@ fn check(path: &std::path::Path, list_shards: bool) -> ExitCode {
                 eprintln!("error: {e}");
             }
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Load and validate a config, printing every problem (with its line) to stderr.
+fn load_config(path: &std::path::Path) -> Option<Config> {
+    match Config::load(path) {
+        Ok(cfg) => Some(cfg),
+        Err(err) => {
+            for line in err.errors() {
+                eprintln!("error: {line}");
+            }
+            eprintln!("{}: invalid configuration", path.display());
+            None
         }
     }
 }

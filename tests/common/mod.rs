@@ -63,40 +63,8 @@ pub async fn shard(i: usize) -> tokio_postgres::Client {
 // ---------------------------------------------------------------------------------------
 // Helpers for the protocol / errors / routing / psql / pgbench tests.
 
-/// The demo schema (scripts/schema.sql), created on every shard if missing.
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS users (
-    user_id    bigint PRIMARY KEY,
-    name       text,
-    email      text,
-    created_at timestamptz DEFAULT now()
-);
-CREATE TABLE IF NOT EXISTS orders (
-    order_id   bigint,
-    user_id    bigint,
-    amount     numeric(10, 2),
-    status     text,
-    created_at timestamptz DEFAULT now(),
-    PRIMARY KEY (user_id, order_id)
-);
-CREATE TABLE IF NOT EXISTS events (
-    user_id  bigint,
-    event_id bigint,
-    kind     text,
-    payload  jsonb,
-    at       timestamptz DEFAULT now(),
-    PRIMARY KEY (user_id, event_id)
-);
-CREATE TABLE IF NOT EXISTS accounts (
-    account_id bigint PRIMARY KEY,
-    owner      text,
-    balance    numeric
-);
-CREATE TABLE IF NOT EXISTS countries (
-    code text PRIMARY KEY,
-    name text
-);
-";
+/// The demo schema, created on every shard if missing: the same file the scripts load.
+pub const SCHEMA: &str = include_str!("../../scripts/schema.sql");
 
 static SCHEMA_READY: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
 
