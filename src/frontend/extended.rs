@@ -126,6 +126,15 @@ async fn discard_to_ready(
     }
 }
 
+/// Queue the answer the client is owed for a message sent to a shard, counting it.
+fn answer(steps: &mut VecDeque<Step>, kind: StepKind, server_steps: &mut usize) {
+    steps.push_back(Step::Server {
+        kind,
+        forward: true,
+    });
+    *server_steps += 1;
+}
+
 /// Send pending groups early once they hold this much, so a huge pipeline is not held
 /// in memory until its Sync.
 const PENDING_LIMIT: usize = 1 << 20;
@@ -600,44 +609,24 @@ impl Session {
                 } => {
                     ensure(conn, &mut steps, &statement, &mut server_steps);
                     messages::rebind(&mut conn.wbuf, &portal, &statement.server_name(), &rest);
-                    steps.push_back(Step::Server {
-                        kind: StepKind::Bind,
-                        forward: true,
-                    });
-                    server_steps += 1;
+                    answer(&mut steps, StepKind::Bind, &mut server_steps);
                 }
                 Op::DescribeStatement(statement) => {
                     ensure(conn, &mut steps, &statement, &mut server_steps);
                     messages::target(&mut conn.wbuf, b'D', b'S', &statement.server_name());
-                    steps.push_back(Step::Server {
-                        kind: StepKind::DescribeStatement,
-                        forward: true,
-                    });
-                    server_steps += 1;
+                    answer(&mut steps, StepKind::DescribeStatement, &mut server_steps);
                 }
                 Op::DescribePortal(p) => {
                     messages::target(&mut conn.wbuf, b'D', b'P', &p);
-                    steps.push_back(Step::Server {
-                        kind: StepKind::DescribePortal,
-                        forward: true,
-                    });
-                    server_steps += 1;
+                    answer(&mut steps, StepKind::DescribePortal, &mut server_steps);
                 }
                 Op::Execute(p, n) => {
                     messages::execute(&mut conn.wbuf, &p, n);
-                    steps.push_back(Step::Server {
-                        kind: StepKind::Execute,
-                        forward: true,
-                    });
-                    server_steps += 1;
+                    answer(&mut steps, StepKind::Execute, &mut server_steps);
                 }
                 Op::ClosePortal(p) => {
                     messages::target(&mut conn.wbuf, b'C', b'P', &p);
-                    steps.push_back(Step::Server {
-                        kind: StepKind::Close,
-                        forward: true,
-                    });
-                    server_steps += 1;
+                    answer(&mut steps, StepKind::Close, &mut server_steps);
                 }
                 Op::Synthetic(b) => steps.push_back(Step::Synthetic(b)),
                 Op::Error(b) => {
