@@ -7,11 +7,11 @@
 #                                                                    had errors (CI)
 #
 # Builds the release binary, starts the benchmark's own PostgreSQL 15 clusters with
-# scripts/shards.sh (one shard on 35433, four on 35434-35437; shared_buffers 256MB,
+# scripts/shards.sh (one shard on 15433, four on 15434-15437; shared_buffers 256MB,
 # max_connections 300, and — like every cluster of shards.sh — fsync, synchronous_commit
 # and full_page_writes off), loads pgbench data, starts PgBouncer (Debian's, transaction
-# pooling, pool size = shardwire's pool.size) on 36432, shardwire with
-# scripts/bench/one-shard.yaml on 36433 and with scripts/bench/four-shard.yaml on 36434,
+# pooling, pool size = shardwire's pool.size) on 16432, shardwire with
+# scripts/bench/one-shard.yaml on 16433 and with scripts/bench/four-shard.yaml on 16434,
 # then runs interleaved rounds (the order of the targets rotates every round) of:
 #   -S (select-only) with -M simple / extended / prepared, 16 clients, 2 threads
 #   a point read (scripts/bench/point-read.sql) at 1 client
@@ -80,8 +80,8 @@ done
 ONE_CFG=scripts/bench/one-shard.yaml
 FOUR_CFG=scripts/bench/four-shard.yaml
 DB=bench DB_USER=bench DB_PASSWORD=bench-secret
-DIRECT_PORT=35433 FOUR_PORTS=(35434 35435 35436 35437)
-PGB_PORT=36432 SW1_PORT=36433 SW4_PORT=36434
+DIRECT_PORT=15433 FOUR_PORTS=(15434 15435 15436 15437)
+PGB_PORT=16432 SW1_PORT=16433 SW4_PORT=16434
 FOUR_SLOTS=("0 255" "256 511" "512 767" "768 1023")
 PG_SETTINGS=("shared_buffers=256MB" "max_connections=300")
 export PGPASSWORD="$DB_PASSWORD" PGCONNECT_TIMEOUT=10

@@ -283,6 +283,11 @@ start_cluster() {
     if ! as_pg setsid -w "$PG_BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start 9>&- \
         </dev/null >/dev/null; then
         tail -n 20 "$dir/server.log" >&2 || true
+        if tail -n 20 "$dir/server.log" 2>/dev/null | grep -q "Address already in use"; then
+            say "hint: another program holds 127.0.0.1:$port; ports inside the kernel's ephemeral" \
+                "range ($(tr '\t' '-' </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null)) can" \
+                "also be taken by outgoing connections, so pick shard ports below it"
+        fi
         die "port $port: server did not start (log: $dir/server.log)"
     fi
     say "port $port: started ($dir)"
