@@ -5,6 +5,10 @@
 #   scripts/bench.sh --smoke                                         seconds long; exit ≠ 0 if
 #                                                                    any run against shardwire
 #                                                                    had errors (CI)
+#   scripts/bench.sh --hold                                          set everything up, print
+#                                                                    the targets' ports and
+#                                                                    pids, and wait (for perf,
+#                                                                    strace, ad-hoc pgbench)
 #
 # Builds the release binary, starts the benchmark's own PostgreSQL 15 clusters with
 # scripts/shards.sh (one shard on 15433, four on 15434-15437; shared_buffers 256MB,
@@ -43,12 +47,14 @@ usage() {
 }
 
 SMOKE=0
+HOLD=0
 ROUNDS="${BENCH_ROUNDS:-}"
 DURATION="${BENCH_DURATION:-}"
 SCALE="${BENCH_SCALE:-}"
 while [[ $# -gt 0 ]]; do
     case "$1" in
     --smoke) SMOKE=1 ;;
+    --hold) HOLD=1 ;;
     --rounds) ROUNDS="${2:?--rounds needs a number}"; shift ;;
     --rounds=*) ROUNDS="${1#*=}" ;;
     --duration) DURATION="${2:?--duration needs seconds}"; shift ;;
@@ -586,6 +592,15 @@ main() {
 
     TARGET_PORT=([direct]="$DIRECT_PORT" [pgbouncer]="$PGB_PORT" [shardwire]="$SW1_PORT" [shardwire-4]="$SW4_PORT")
     TARGET_PID=([pgbouncer]="$PGB_PID" [shardwire]="$sw1" [shardwire-4]="$sw4")
+
+    if [[ "$HOLD" == 1 ]]; then
+        say "holding; Ctrl-C stops everything. PGPASSWORD=$DB_PASSWORD, user $DB_USER, database $DB"
+        local t
+        for t in direct pgbouncer shardwire shardwire-4; do
+            say "  $t: port ${TARGET_PORT[$t]}${TARGET_PID[$t]:+, pid ${TARGET_PID[$t]}}"
+        done
+        while true; do sleep 3600; done
+    fi
 
     printf '%s\t%s\n' \
         S-simple "\`-S\` simple, $S_CLIENTS clients" \
