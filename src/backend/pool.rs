@@ -4,7 +4,9 @@
 //! timeout after the full wait. The manager here records each connect failure and wakes
 //! waiting checkouts, so a client learns the real reason at once.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bb8::{ManageConnection, PooledConnection, RunError};
@@ -70,14 +72,16 @@ pub struct ShardManager {
 }
 
 impl ManageConnection for ShardManager {
-    type Connection = ServerConn;
+    /// Boxed: a checkout moves the connection through bb8, the checkout guard and the
+    /// session's map; a pointer moves cheaply, the whole struct does not.
+    type Connection = Box<ServerConn>;
     type Error = BackendError;
 
-    async fn connect(&self) -> Result<ServerConn, BackendError> {
+    async fn connect(&self) -> Result<Box<ServerConn>, BackendError> {
         match ServerConn::connect(self.shard_id, &self.shard, self.connect_timeout).await {
             Ok(c) => {
                 self.failures.clear();
-                Ok(c)
+                Ok(Box::new(c))
             }
             Err(e) => {
                 tracing::warn!(shard = %self.shard.name, error = %e, "connect failed");
@@ -87,13 +91,13 @@ impl ManageConnection for ShardManager {
         }
     }
 
-    async fn is_valid(&self, _conn: &mut ServerConn) -> Result<(), BackendError> {
+    async fn is_valid(&self, _conn: &mut Box<ServerConn>) -> Result<(), BackendError> {
         // Checked-out connections are not pinged (a round trip per checkout); a dead one
         // is noticed on first use and dropped.
         Ok(())
     }
 
-    fn has_broken(&self, conn: &mut ServerConn) -> bool {
+    fn has_broken(&self, conn: &mut Box<ServerConn>) -> bool {
         !conn.reusable()
     }
 }
@@ -127,6 +131,80 @@ struct ShardPool {
     turns: Arc<Semaphore>,
     failures: Arc<Failures>,
     checkout_timeout: Duration,
+}
+
+impl ShardPool {
+    fn got(
+        &self,
+        r: Result<PooledConnection<'static, ShardManager>, RunError<BackendError>>,
+        started: Instant,
+    ) -> Result<PooledConnection<'static, ShardManager>, BackendError> {
+        match r {
+            Ok(c) => Ok(c),
+            Err(RunError::User(e)) => Err(e),
+            Err(RunError::TimedOut) => {
+                Err(self
+                    .failures
+                    .since(started)
+                    .unwrap_or(BackendError::CheckoutTimeout {
+                        shard: self.name.clone(),
+                        waited_ms: self.checkout_timeout.as_millis() as u64,
+                    }))
+            }
+        }
+    }
+
+    /// Wait (up to the checkout timeout) for this client's turn, then for a connection.
+    async fn wait_for_turn(&self, started: Instant) -> Result<Checkout, BackendError> {
+        let turn =
+            match tokio::time::timeout(self.checkout_timeout, self.turns.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(t)) => t,
+                _ => {
+                    return Err(self.failures.since(started).unwrap_or(
+                        BackendError::CheckoutTimeout {
+                            shard: self.name.clone(),
+                            waited_ms: self.checkout_timeout.as_millis() as u64,
+                        },
+                    ))
+                }
+            };
+        self.wait_for_connection(turn, started).await
+    }
+
+    /// With this client's turn: wait for a connection, or for a connect attempt to fail
+    /// (then report why at once instead of after the full timeout).
+    async fn wait_for_connection(
+        &self,
+        turn: OwnedSemaphorePermit,
+        started: Instant,
+    ) -> Result<Checkout, BackendError> {
+        let get = self.pool.get_owned();
+        tokio::pin!(get);
+        let failed = self.failures.notify.notified();
+        tokio::pin!(failed);
+        failed.as_mut().enable();
+        // A failure after `started` and before `enable` would not wake us: look.
+        if self.failures.since(started).is_none() {
+            tokio::select! {
+                r = &mut get => return self.got(r, started).map(|conn| Checkout { conn, _turn: turn }),
+                _ = &mut failed => {}
+            }
+        }
+        // A connect attempt failed while we waited. If a connection is free after all,
+        // take it; otherwise report why connecting failed.
+        match tokio::time::timeout(Duration::from_millis(1), &mut get).await {
+            Ok(Ok(conn)) => Ok(Checkout { conn, _turn: turn }),
+            _ => Err(self
+                .failures
+                .since(started)
+                .unwrap_or(BackendError::Connect {
+                    shard: self.name.clone(),
+                    reason: "connect failed".into(),
+                })),
+        }
+    }
 }
 
 /// The pools of every shard, indexed by `ShardId`.
@@ -179,18 +257,24 @@ impl Pools {
     /// connecting to it fails. Idle connections the server closed meanwhile (a restart)
     /// are dropped and replaced, up to the pool size.
     pub async fn checkout(&self, shard: ShardId) -> Result<Checkout, BackendError> {
+        let mut c = self.checkout_once(shard).await?;
+        if !c.is_stale() {
+            return Ok(c);
+        }
         let tries = self
             .shards
             .get(shard)
             .map(|s| s.pool.state().connections + 1)
             .unwrap_or(1);
         for _ in 0..tries {
-            let mut c = self.checkout_once(shard).await?;
+            tracing::debug!(shard, "dropping a pooled connection the server closed");
+            drop(c);
+            c = self.checkout_once(shard).await?;
             if !c.is_stale() {
                 return Ok(c);
             }
-            tracing::debug!(shard, "dropping a pooled connection the server closed");
         }
+        drop(c);
         self.checkout_once(shard).await
     }
 
@@ -203,49 +287,22 @@ impl Pools {
                 reason: "no such shard".into(),
             })?;
         let started = Instant::now();
-        let turn = match sp.turns.clone().try_acquire_owned() {
-            Ok(t) => t,
-            Err(_) => {
-                match tokio::time::timeout(sp.checkout_timeout, sp.turns.clone().acquire_owned())
-                    .await
-                {
-                    Ok(Ok(t)) => t,
-                    _ => {
-                        return Err(sp.failures.since(started).unwrap_or(
-                            BackendError::CheckoutTimeout {
-                                shard: sp.name.clone(),
-                                waited_ms: sp.checkout_timeout.as_millis() as u64,
-                            },
-                        ))
-                    }
-                }
+        // Usually it is this client's turn and a connection is idle: the first poll of
+        // bb8's checkout has it. Waiting is the rare case, kept out of this future (and
+        // so out of every session's request future) in a boxed one.
+        if let Ok(turn) = sp.turns.clone().try_acquire_owned() {
+            let get = sp.pool.get_owned();
+            tokio::pin!(get);
+            if let Poll::Ready(r) =
+                std::future::poll_fn(|cx| Poll::Ready(get.as_mut().poll(cx))).await
+            {
+                return sp
+                    .got(r, started)
+                    .map(|conn| Checkout { conn, _turn: turn });
             }
-        };
-        let failed = sp.failures.notify.notified();
-        tokio::pin!(failed);
-        failed.as_mut().enable();
-        let conn = tokio::select! {
-            r = sp.pool.get_owned() => match r {
-                Ok(c) => Ok(c),
-                Err(RunError::User(e)) => Err(e),
-                Err(RunError::TimedOut) => Err(sp.failures.since(started).unwrap_or(BackendError::CheckoutTimeout {
-                    shard: sp.name.clone(),
-                    waited_ms: sp.checkout_timeout.as_millis() as u64,
-                })),
-            },
-            _ = &mut failed => {
-                // A connect attempt failed while we waited. If a connection is free after
-                // all, take it; otherwise report why connecting failed.
-                match tokio::time::timeout(Duration::from_millis(1), sp.pool.get_owned()).await {
-                    Ok(Ok(c)) => Ok(c),
-                    _ => Err(sp.failures.since(started).unwrap_or(BackendError::Connect {
-                        shard: sp.name.clone(),
-                        reason: "connect failed".into(),
-                    })),
-                }
-            }
-        }?;
-        Ok(Checkout { conn, _turn: turn })
+            return Box::pin(sp.wait_for_connection(turn, started)).await;
+        }
+        Box::pin(sp.wait_for_turn(started)).await
     }
 
     /// Pool state for one shard: (connections, idle).

@@ -23,12 +23,19 @@ pub enum ClientError {
     Startup(#[from] StartupError),
 }
 
+/// Buffer capacity a client keeps between requests.
+const KEEP_BUFFER: usize = 4096;
+
 pub struct ClientConn {
     stream: TcpStream,
     /// Bytes received and not yet decoded.
     rbuf: BytesMut,
     /// Bytes queued for the client.
     pub wbuf: BytesMut,
+    /// `wbuf` holds a message PostgreSQL itself would have sent at once (a notice, an
+    /// error, a notification): send it before waiting on a shard again. Other answers
+    /// wait for the end of the request, as PostgreSQL's own do.
+    pub flush_soon: bool,
     /// Largest message accepted from this client (pool.max_message_bytes).
     max_message: u64,
 }
@@ -37,8 +44,11 @@ impl ClientConn {
     pub fn new(stream: TcpStream, max_message: u64) -> ClientConn {
         ClientConn {
             stream,
-            rbuf: BytesMut::with_capacity(8192),
-            wbuf: BytesMut::with_capacity(8192),
+            // Both buffers start empty and grow on demand: an idle client (thousands of
+            // them) should hold next to nothing.
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            flush_soon: false,
             max_message,
         }
     }
@@ -53,10 +63,6 @@ impl ClientConn {
     /// holds no read buffer.
     pub async fn fill(&mut self) -> Result<(), ClientError> {
         loop {
-            if self.rbuf.is_empty() && self.rbuf.capacity() > 64 * 1024 {
-                // A big message came and went: don't keep its buffer.
-                self.rbuf = BytesMut::new();
-            }
             self.stream.readable().await?;
             if self.rbuf.capacity() - self.rbuf.len() < 512 {
                 // Small to start with (most messages are); a large message makes the
@@ -77,12 +83,14 @@ impl ClientConn {
         self.max_message = max;
     }
 
-    /// Give back buffer memory while the client is idle between requests.
+    /// Give back buffer memory grown by a large request or answer, before waiting for
+    /// the client's next message. Small buffers are kept: a busy client then reuses them
+    /// instead of allocating on every request.
     pub fn shrink(&mut self) {
-        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP_BUFFER {
             self.rbuf = BytesMut::new();
         }
-        if self.wbuf.is_empty() && self.wbuf.capacity() > 16 * 1024 {
+        if self.wbuf.is_empty() && self.wbuf.capacity() > KEEP_BUFFER {
             self.wbuf = BytesMut::new();
         }
     }
@@ -103,6 +111,7 @@ impl ClientConn {
             if let Some(f) = decode_raw(&mut self.rbuf, self.max_message)? {
                 return Ok(f);
             }
+            self.shrink();
             self.fill().await?;
         }
     }
@@ -119,13 +128,10 @@ impl ClientConn {
     }
 
     pub async fn flush(&mut self) -> Result<(), ClientError> {
+        self.flush_soon = false;
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await?;
             self.wbuf.clear();
-            if self.wbuf.capacity() > 1 << 20 {
-                // Don't keep a huge buffer alive for an idle client.
-                self.wbuf = BytesMut::new();
-            }
         }
         Ok(())
     }

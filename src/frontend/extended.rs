@@ -110,6 +110,16 @@ pub struct Pending {
     bytes: usize,
 }
 
+/// What an extended-protocol message left to do that must wait (on shards or the
+/// client's socket).
+pub enum Deferred {
+    Nothing,
+    /// The pending batch grew large: send it now.
+    SendPending,
+    /// Execute of a portal the router runs itself (transaction control, SET, …).
+    ExecuteLocal(Arc<PreparedStatement>),
+}
+
 /// A portal name that never exists: executing it fails on purpose.
 const POISON_PORTAL: &str = "shardwire_abort_batch";
 
@@ -180,13 +190,36 @@ impl Session {
         }
     }
 
-    pub(super) async fn extended(&mut self, frame: BytesMut) -> Result<(), SessionError> {
+    /// Parse, Bind, Describe, Execute or Close: recorded in the pending batch without
+    /// waiting on anything. Returns the work that must wait (the caller boxes it, so the
+    /// common messages cost no allocation).
+    pub(super) fn extended_message(&mut self, frame: BytesMut) -> Result<Deferred, SessionError> {
         let tag = frame[0];
-        if self.skipping && tag != b'S' && tag != b'H' {
-            return Ok(());
+        if self.skipping {
+            return Ok(Deferred::Nothing);
         }
         let frame = frame.freeze();
         let body = frame.slice(5..);
+        let deferred = match tag {
+            b'P' => self.on_parse(&body).map(|()| Deferred::Nothing)?,
+            b'B' => self.on_bind(&body).map(|()| Deferred::Nothing)?,
+            b'D' => self.on_describe(&body).map(|()| Deferred::Nothing)?,
+            b'E' => self.on_execute(&body)?,
+            _ => self.on_close(&body).map(|()| Deferred::Nothing)?,
+        };
+        if matches!(deferred, Deferred::Nothing)
+            && self.pending.bytes > PENDING_LIMIT
+            && !self.skipping
+        {
+            // A long pipeline: send what we have so answers keep flowing.
+            return Ok(Deferred::SendPending);
+        }
+        Ok(deferred)
+    }
+
+    /// The waiting part of an extended-protocol message (see `extended_message`), or a
+    /// Flush or Sync.
+    pub(super) async fn extended(&mut self, tag: u8, work: Deferred) -> Result<(), SessionError> {
         match tag {
             b'H' => {
                 self.run_groups(false).await?;
@@ -198,20 +231,25 @@ impl Session {
                 self.skipping = false;
                 self.ready().await
             }
-            _ => {
-                match tag {
-                    b'P' => self.on_parse(&body)?,
-                    b'B' => self.on_bind(&body).await?,
-                    b'D' => self.on_describe(&body)?,
-                    b'E' => self.on_execute(&body).await?,
-                    _ => self.on_close(&body)?,
-                }
-                if self.pending.bytes > PENDING_LIMIT && !self.skipping {
-                    // A long pipeline: send what we have so answers keep flowing.
+            _ => match work {
+                Deferred::Nothing => Ok(()),
+                Deferred::SendPending => self.run_groups(false).await,
+                Deferred::ExecuteLocal(stmt) => {
+                    // Everything before it must have happened before the transaction
+                    // state changes.
                     self.run_groups(false).await?;
+                    if self.skipping {
+                        return Ok(());
+                    }
+                    let Some(sp) = stmt.plan.statements.first() else {
+                        return Ok(());
+                    };
+                    if !self.execute(sp, &stmt.sql).await? {
+                        self.skipping = true;
+                    }
+                    Ok(())
                 }
-                Ok(())
-            }
+            },
         }
     }
 
@@ -262,7 +300,7 @@ impl Session {
         Ok(())
     }
 
-    async fn on_bind(&mut self, body: &Bytes) -> Result<(), SessionError> {
+    fn on_bind(&mut self, body: &Bytes) -> Result<(), SessionError> {
         let b = messages::parse_bind(body).map_err(malformed)?;
         let Some(stmt) = self.statements.get(b.statement).cloned() else {
             self.ext_error(PgError::error(
@@ -402,39 +440,24 @@ impl Session {
         Ok(())
     }
 
-    async fn on_execute(&mut self, body: &Bytes) -> Result<(), SessionError> {
+    fn on_execute(&mut self, body: &Bytes) -> Result<Deferred, SessionError> {
         let (name, max_rows) = messages::parse_execute(body).map_err(malformed)?;
         let Some(portal) = self.portals.get(name) else {
             self.ext_error(PgError::error(
                 sqlstate::INVALID_CURSOR_NAME,
                 format!("portal \"{name}\" does not exist"),
             ));
-            return Ok(());
+            return Ok(Deferred::Nothing);
         };
         if self.in_failed_block() && !portal.target_is_local() {
             self.ext_error(Session::aborted_error());
-            return Ok(());
+            return Ok(Deferred::Nothing);
         }
         match portal.target.clone() {
-            Target::Local => {
-                let stmt = portal.statement.clone();
-                // Everything before it must have happened before the transaction state
-                // changes.
-                self.run_groups(false).await?;
-                if self.skipping {
-                    return Ok(());
-                }
-                let Some(sp) = stmt.plan.statements.first() else {
-                    return Ok(());
-                };
-                let ok = self.execute(sp, &stmt.sql).await?;
-                if !ok {
-                    self.skipping = true;
-                }
-            }
+            Target::Local => return Ok(Deferred::ExecuteLocal(portal.statement.clone())),
             target => self.add_op(target, Op::Execute(name.to_owned(), max_rows)),
         }
-        Ok(())
+        Ok(Deferred::Nothing)
     }
 
     fn on_close(&mut self, body: &Bytes) -> Result<(), SessionError> {
@@ -461,7 +484,7 @@ impl Session {
     /// several shards (or several groups) is sent with Flush, and only when every part
     /// has answered does each shard get its Sync, preceded by a message that fails on
     /// purpose if any part failed, so that no shard commits part of a failed batch.
-    async fn run_groups(&mut self, sync: bool) -> Result<(), SessionError> {
+    pub(super) async fn run_groups(&mut self, sync: bool) -> Result<(), SessionError> {
         let groups = std::mem::take(&mut self.pending.groups);
         self.pending.bytes = 0;
         let server_groups: Vec<&Target> = groups
@@ -502,7 +525,7 @@ impl Session {
                 }
                 Target::Shard(s) => self.run_single(s, g.ops, fast_sync).await?,
                 Target::Multi(shards, combine) => {
-                    self.run_fanout(&shards, g.ops, false, combine).await?
+                    Box::pin(self.run_fanout(&shards, g.ops, false, combine)).await?
                 }
             };
             if !ok {

@@ -4,6 +4,7 @@
 pub mod cancel;
 pub mod client;
 mod extended;
+mod held;
 mod session;
 pub mod settings;
 pub mod startup;

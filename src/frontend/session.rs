@@ -6,7 +6,7 @@
 //! batch) needs them; otherwise each statement checks out and returns its connection.
 //! The transaction status the client sees is computed from what the shards said.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::cancel::{Active, ServerKey};
 use super::client::{ClientConn, ClientError};
-use super::extended::{Portal, PreparedStatement};
+use super::extended::{Deferred, Portal, PreparedStatement};
 use super::settings::Settings;
 use super::startup::{self, Handshake};
 use super::Shared;
@@ -58,7 +58,7 @@ pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr
         statements: HashMap::new(),
         portals: HashMap::new(),
         txn: None,
-        held: BTreeMap::new(),
+        held: Default::default(),
         batch_open: false,
         skipping: false,
         active,
@@ -170,7 +170,7 @@ pub struct Session {
     pub portals: HashMap<String, Portal>,
     pub txn: Option<Txn>,
     /// Shard connections this client holds right now.
-    pub held: BTreeMap<ShardId, Checkout>,
+    pub held: super::held::Held<Checkout>,
     /// An extended-protocol batch has been sent without its Sync yet: keep connections.
     pub batch_open: bool,
     /// After an error in the extended protocol: ignore messages until Sync.
@@ -201,12 +201,16 @@ impl Session {
                 Err(e) => return Err(e.into()),
             };
             let result = match frame[0] {
-                // Boxed: the work of a request is a large future, and keeping it inside
-                // this loop's would make every idle client's task that large too.
-                b'Q' => Box::pin(self.simple_query(frame)).await,
-                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' => {
-                    Box::pin(self.extended(frame)).await
-                }
+                // Not boxed: a box per request costs an allocation of its (kilobyte-sized)
+                // future every time, while inline it costs each idle client about that
+                // much memory once. The rare, larger parts of a request are boxed inside.
+                b'Q' => self.simple_query(frame).await,
+                tag @ (b'P' | b'B' | b'D' | b'E' | b'C') => match self.extended_message(frame) {
+                    Ok(Deferred::Nothing) => Ok(()),
+                    Ok(work) => self.extended(tag, work).await,
+                    Err(e) => Err(e),
+                },
+                tag @ (b'H' | b'S') => self.extended(tag, Deferred::Nothing).await,
                 b'X' => return Ok(()),
                 // CopyData/CopyDone/CopyFail outside COPY are ignored, as PostgreSQL does.
                 b'd' | b'c' | b'f' => Ok(()),
@@ -327,6 +331,25 @@ impl Session {
             return Ok(());
         }
         let mut c = self.shared.pools.checkout(shard).await?;
+        let wanted = self.settings.fingerprint();
+        if c.prepared.len() > MAX_PREPARED_PER_CONN || c.settings != wanted || self.txn.is_some() {
+            // Boxed: rare work with futures of its own, kept out of every request's.
+            Box::pin(self.prepare_conn(&mut c, wanted)).await?;
+        }
+        if let Ok(mut a) = self.active.lock() {
+            a.push(ServerKey {
+                addr: c.addr,
+                pid: c.pid,
+                secret: c.secret,
+            });
+        }
+        self.held.insert(shard, c);
+        Ok(())
+    }
+
+    /// Bring a checked-out connection to this session's state: bounded statements,
+    /// this client's settings, and inside its transaction block if one is open.
+    async fn prepare_conn(&self, c: &mut Checkout, wanted: u64) -> Result<(), StmtError> {
         if c.prepared.len() > MAX_PREPARED_PER_CONN {
             // Each client's named statements live on the connections it used; keep
             // their number bounded.
@@ -335,7 +358,6 @@ impl Session {
             }
             c.prepared.clear();
         }
-        let wanted = self.settings.fingerprint();
         if c.settings != wanted {
             // Unknown until the SETs succeed.
             c.settings = u64::MAX;
@@ -353,14 +375,6 @@ impl Session {
                 }
             }
         }
-        if let Ok(mut a) = self.active.lock() {
-            a.push(ServerKey {
-                addr: c.addr,
-                pid: c.pid,
-                secret: c.secret,
-            });
-        }
-        self.held.insert(shard, c);
         Ok(())
     }
 
@@ -466,7 +480,7 @@ impl Session {
         }
         if implicit {
             let ok = self.txn.as_ref().is_some_and(|t| !t.failed);
-            self.end_txn(ok, false).await?;
+            Box::pin(self.end_txn(ok, false)).await?;
         }
         self.ready().await
     }
@@ -517,7 +531,7 @@ impl Session {
                 }
                 let failed = self.txn.as_ref().is_some_and(|t| t.failed);
                 let begin_sql = self.txn.as_ref().map(|t| t.begin_sql.clone());
-                let ok = self.end_txn(commit && !failed, true).await?;
+                let ok = Box::pin(self.end_txn(commit && !failed, true)).await?;
                 if ok && chain {
                     // AND CHAIN: a new block with the same characteristics.
                     self.txn = begin_sql.map(|b| Txn::new(b, false));
@@ -535,11 +549,15 @@ impl Session {
                 }
                 Ok(ok)
             }
-            StatementKind::Savepoint => self.savepoint(stmt, text).await,
+            // Boxed, here and below: rarer statements with larger futures, kept out of
+            // the future of every statement.
+            StatementKind::Savepoint => Box::pin(self.savepoint(stmt, text)).await,
             StatementKind::Set { name, local } => {
-                self.set(stmt, text, Some(name.clone()), *local).await
+                Box::pin(self.set(stmt, text, Some(name.clone()), *local)).await
             }
-            StatementKind::Reset { name } => self.set(stmt, text, name.clone(), false).await,
+            StatementKind::Reset { name } => {
+                Box::pin(self.set(stmt, text, name.clone(), false)).await
+            }
             StatementKind::Discard if is_deallocate_all(text) => {
                 // Server connections keep their statements (they are this router's);
                 // the client's are forgotten.
@@ -772,7 +790,7 @@ impl Session {
                     // each and commit only if every shard succeeded.
                     self.txn = Some(Txn::implicit());
                     let ok = self.run_on(&shards, text, combine).await?;
-                    let committed = self.end_txn(ok, false).await?;
+                    let committed = Box::pin(self.end_txn(ok, false)).await?;
                     return Ok(ok && committed);
                 }
                 self.run_on(&shards, text, combine).await
@@ -822,7 +840,15 @@ impl Session {
                 }
             }
             match sent {
-                Ok(()) => relay_multi(&mut conns, &mut self.client, &mut steps, combine).await,
+                Ok(()) => {
+                    Box::pin(relay_multi(
+                        &mut conns,
+                        &mut self.client,
+                        &mut steps,
+                        combine,
+                    ))
+                    .await
+                }
                 Err(e) => Err(RelayError::Backend(e)),
             }
         };
@@ -969,5 +995,38 @@ fn savepoint_tag(text: &str) -> &'static str {
         "ROLLBACK"
     } else {
         "SAVEPOINT"
+    }
+}
+
+#[cfg(test)]
+mod future_sizes {
+    use super::Session;
+    use bytes::BytesMut;
+
+    fn size<'a, Fut>(_f: impl FnOnce(&'a mut Session, BytesMut) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    fn size1<'a, A, Fut>(_f: impl FnOnce(&'a mut Session, A) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+    fn size2<'a, A, B, Fut>(_f: impl FnOnce(&'a mut Session, A, B) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+    fn size3<'a, A, B, C, Fut>(_f: impl FnOnce(&'a mut Session, A, B, C) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    #[test]
+    fn print_request_future_sizes() {
+        println!("simple_query future: {} bytes", size(Session::simple_query));
+        println!("extended future: {} bytes", size2(Session::extended));
+        println!("execute {}", size2(Session::execute));
+        println!("end_txn {}", size2(Session::end_txn));
+        println!("savepoint {}", size2(Session::savepoint));
+        println!("run_routed {}", size2(Session::run_routed));
+        println!("run_on {}", size3(Session::run_on));
+        println!("conn_for {}", size1(Session::conn_for));
+        println!("run_groups {}", size1(Session::run_groups));
     }
 }

@@ -98,8 +98,9 @@ pub enum RelayError {
     Refused(PgError),
 }
 
-/// The next frame from `conn`. Before waiting on the shard, what the client is owed so
-/// far is flushed; while waiting, the client's socket is watched too, so a client that
+/// The next frame from `conn`. Before waiting on the shard, a notice or error the client
+/// is owed is flushed (PostgreSQL sends those at once; other answers wait for the end of
+/// the request, so a pipelined batch costs one write to the client); while waiting, the client's socket is watched too, so a client that
 /// goes away cancels its statement instead of leaving it running on the shard.
 /// Cancel-safe.
 pub(crate) async fn next_frame(
@@ -109,7 +110,9 @@ pub(crate) async fn next_frame(
     if conn.has_buffered_frame() {
         return Ok(conn.read_raw().await?);
     }
-    client.flush().await?;
+    if client.flush_soon {
+        client.flush().await?;
+    }
     // Most answers come quickly: wait for the shard alone first, so the common case costs
     // no extra look at the client's socket.
     tokio::select! {

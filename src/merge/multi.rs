@@ -46,7 +46,10 @@ pub async fn relay_multi(
                 let tag = frame[0];
                 let terminal = kind.is_terminal(tag);
                 match tag {
-                    b'N' | b'A' => client.wbuf.extend_from_slice(&frame),
+                    b'N' | b'A' => {
+                        client.wbuf.extend_from_slice(&frame);
+                        client.flush_soon = true;
+                    }
                     b'S' => {
                         if i == 0 {
                             client.wbuf.extend_from_slice(&frame);

@@ -28,8 +28,12 @@ pub async fn relay_single(
         let tag = frame[0];
         match tag {
             // Asynchronous messages: always the client's.
-            b'N' | b'S' | b'A' => client.wbuf.extend_from_slice(&frame),
+            b'N' | b'S' | b'A' => {
+                client.wbuf.extend_from_slice(&frame);
+                client.flush_soon = true;
+            }
             b'E' => {
+                client.flush_soon = true;
                 match super::client_error(&frame, &conn.shard_name) {
                     Some(e) => {
                         conn.broken = true;

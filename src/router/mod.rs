@@ -42,7 +42,7 @@ pub mod sqlstate;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 
 pub use error::RouteError;
@@ -89,6 +89,9 @@ struct SharedStatement {
     /// Byte range of the statement in the analysed text.
     start: usize,
     end: usize,
+    /// `has_session_effects` of the statement's text: it only looks at keywords and
+    /// names, which every text of one normalized shape shares.
+    session_effects: bool,
 }
 
 /// The analysed statements of one query string.
@@ -214,8 +217,8 @@ impl Router {
             topology,
             cache: Mutex::new(PlanCache {
                 version,
-                exact: HashMap::new(),
-                shapes: HashMap::new(),
+                exact: HashMap::default(),
+                shapes: HashMap::default(),
             }),
         }
     }
@@ -273,6 +276,11 @@ impl Router {
                 shape: Arc::new(shape),
                 start,
                 end,
+                session_effects: has_session_effects(statement_text(
+                    &without_literals(sql, spans),
+                    start,
+                    end,
+                )),
             });
         }
         let shared = SharedPlan {
@@ -332,6 +340,11 @@ fn instantiate(
     new_spans: &[LitSpan],
     lits: Vec<LitValue>,
 ) -> QueryPlan {
+    // A string literal can be code that runs later (`DO 'BEGIN … END'`), and texts of
+    // one shape differ only in literals: check this text's own strings as well.
+    let strings_have_effects = lits
+        .iter()
+        .any(|l| l.string && has_session_effects(&l.text));
     let lits = Arc::new(lits);
     // Statement boundaries never fall inside a literal, so an offset moves by the
     // length change of every literal before it.
@@ -349,11 +362,9 @@ fn instantiate(
         .statements
         .iter()
         .map(|s| {
-            let (start, end) = (shift(s.start), shift(s.end));
-            let text = sql.get(start..end).unwrap_or("").trim();
-            let text = text.strip_suffix(';').unwrap_or(text).trim_end();
+            let text = statement_text(sql, shift(s.start), shift(s.end));
             StatementPlan {
-                session_effects: has_session_effects(text),
+                session_effects: s.session_effects || strings_have_effects,
                 text: text.to_owned(),
                 kind: s.kind.clone(),
                 shape: Arc::clone(&s.shape),
@@ -362,6 +373,24 @@ fn instantiate(
         })
         .collect();
     QueryPlan { statements }
+}
+
+/// `sql` with each literal blanked out (same length, so offsets still hold).
+fn without_literals(sql: &str, spans: &[LitSpan]) -> String {
+    let mut out = sql.as_bytes().to_vec();
+    for l in spans {
+        if let Some(b) = out.get_mut(l.start..l.end) {
+            b.fill(b' ');
+        }
+    }
+    // Literal boundaries are character boundaries, so this stays UTF-8.
+    String::from_utf8(out).unwrap_or_else(|_| sql.to_owned())
+}
+
+/// One statement's text within a query string: trimmed, without its semicolon.
+fn statement_text(sql: &str, start: usize, end: usize) -> &str {
+    let text = sql.get(start..end).unwrap_or("").trim();
+    text.strip_suffix(';').unwrap_or(text).trim_end()
 }
 
 /// Whether `text` may create session state the router does not track (see

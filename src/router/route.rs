@@ -142,16 +142,26 @@ pub(crate) fn route_statement(
                 ),
             })
         }
-        Body::Query(q) => Router {
-            q,
-            lits,
-            topo,
-            params,
-            explain,
-            notes: Vec::new(),
-            classes: Vec::new(),
+        Body::Query(q) => {
+            let router = Router {
+                q,
+                lits,
+                topo,
+                params,
+                explain,
+                notes: Vec::new(),
+                classes: Vec::new(),
+            };
+            if !explain {
+                if let Some(s) = router.point_route() {
+                    return Ok(Routed {
+                        route: Route::Shard(s),
+                        reason: String::new(),
+                    });
+                }
+            }
+            router.route()
         }
-        .route(),
     }
 }
 
@@ -283,6 +293,93 @@ impl<'a> Router<'a> {
 
     fn is_key(&self, col: &ColRef, rel: usize, table: &ShardedTable) -> bool {
         col.name == table.column && self.resolve(col) == Some(rel)
+    }
+
+    /// The common case, decided without allocating: one sharded table, no joins or
+    /// subqueries, and a WHERE that pins its key to one value (`key = literal` or
+    /// `key = $n`, possibly AND-ed with conditions on other columns). Gives the shard
+    /// `route` would give, or `None` to let `route` decide (anything else, including
+    /// every error and every value that does not decode as a key).
+    fn point_route(&self) -> Option<ShardId> {
+        let q = self.q;
+        let [rel] = q.rels.as_slice() else {
+            return None;
+        };
+        let [scope] = q.scopes.as_slice() else {
+            return None;
+        };
+        if rel.kind != RelKind::Table
+            || rel.scope != 0
+            || scope.kind != ScopeKind::Top
+            || q.creates.is_some()
+            || matches!(q.dml, DmlKind::Insert | DmlKind::Merge)
+            || q.targets.iter().any(|&t| t != 0)
+        {
+            return None;
+        }
+        let Class::Sharded(t) = self.classify(0) else {
+            return None;
+        };
+        if q.assigned.iter().any(|(_, c)| c == &t.column) {
+            return None;
+        }
+        // `key = v` alone, or AND-ed with conditions that never involve the key column.
+        let not_key = |p: &Pred| match p {
+            Pred::Any | Pred::ColEq(..) => true,
+            Pred::In { col, .. } | Pred::AnyArray { col, .. } | Pred::Cmp { col, .. } => {
+                col.name != t.column
+            }
+            Pred::And(_) | Pred::Or(_) => false,
+        };
+        let point = |p: &'a Pred| match p {
+            Pred::In { col, vals } if vals.len() == 1 => Some((col, &vals[0])),
+            _ => None,
+        };
+        let (col, val) = match &scope.pred {
+            Pred::And(items) => {
+                let mut found = None;
+                for p in items {
+                    match point(p) {
+                        Some(cv) if cv.0.name == t.column => {
+                            if found.replace(cv).is_some() {
+                                return None;
+                            }
+                        }
+                        _ if not_key(p) => {}
+                        _ => return None,
+                    }
+                }
+                found?
+            }
+            p => point(p)?,
+        };
+        // The column names this table's key (`resolve` with one table in scope).
+        let qual_ok = match &col.qual {
+            None => true,
+            Some(qual) => match &rel.alias {
+                Some(a) => a == qual,
+                None => &rel.name == qual,
+            },
+        };
+        if col.name != t.column || col.scope != 0 || !qual_ok {
+            return None;
+        }
+        let dist = self.topo.distributions.get(t.distribution)?;
+        let ty = dist.key_type;
+        let key = match val {
+            Value::Lit { idx, neg: false } => KeyValue::from_text(&self.lits.get(*idx)?.text, ty)?,
+            Value::Param(i) => {
+                let p = self.params.get(*i)?;
+                let bytes = p.value?;
+                if p.binary {
+                    KeyValue::from_binary(bytes, ty)?
+                } else {
+                    KeyValue::from_text(std::str::from_utf8(bytes).ok()?, ty)?
+                }
+            }
+            _ => return None,
+        };
+        dist.shard_for(&key).ok()
     }
 
     fn route(mut self) -> Result<Routed, RouteError> {

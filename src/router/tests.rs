@@ -2,7 +2,7 @@
 //! No sockets. Hash-distribution expectations are computed with
 //! `Distribution::shard_for`, never hard-coded slot numbers.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::*;
@@ -80,7 +80,7 @@ fn topology() -> Topology {
             },
         },
     ];
-    let mut tables = HashMap::new();
+    let mut tables = foldhash::HashMap::default();
     for (name, column, distribution) in [
         ("users", "user_id", USERS),
         ("orders", "user_id", USERS),
@@ -102,7 +102,7 @@ fn topology() -> Topology {
         shards: (0..4).map(shard).collect(),
         distributions,
         tables,
-        reference_tables: HashSet::from(["countries".to_owned()]),
+        reference_tables: ["countries".to_owned()].into_iter().collect(),
         default_shard: 0,
         version: 1,
     }
@@ -188,7 +188,19 @@ fn check(router: &Router, sql: &str, params: &[Param<'_>], want: Want) {
             .statements
             .last()
             .unwrap_or_else(|| panic!("no statement in {sql}"));
-        last.route(&topo, params)
+        let full = last.route(&topo, params);
+        // The hot path (no reason text, point fast path) must decide exactly alike.
+        let quiet = last.route_quiet(&topo, params);
+        match (&full, &quiet) {
+            (Ok(f), Ok(q)) => assert_eq!(f.route, q.route, "{sql}: route_quiet differs"),
+            (Result::Err(f), Result::Err(q)) => assert_eq!(
+                (f.sqlstate(), f.message()),
+                (q.sqlstate(), q.message()),
+                "{sql}: route_quiet error differs"
+            ),
+            _ => panic!("{sql}: route gave {full:?}, route_quiet gave {quiet:?}"),
+        }
+        full
     });
     match (expected(&topo, &want), got) {
         (Ok(w), Ok(g)) => {
@@ -247,6 +259,13 @@ fn routing_table() {
         ("SELECT * FROM users WHERE user_id = 9000000000", vec![], Keys(USERS, vec![int(9_000_000_000)])),
         ("SELECT * FROM users WHERE user_id = 5 AND name = 'x'", vec![], Keys(USERS, vec![int(5)])),
         ("SELECT * FROM users WHERE user_id = 5 AND user_id = 5", vec![], Keys(USERS, vec![int(5)])),
+        ("SELECT * FROM users u WHERE u.user_id = 8 AND u.name = 'x'", vec![], Keys(USERS, vec![int(8)])),
+        ("SELECT * FROM users WHERE user_id = 5 AND user_id = 6", vec![], Shard(0)),
+        ("SELECT * FROM users WHERE user_id = 5 AND user_id IN (5, 6)", vec![], Keys(USERS, vec![int(5)])),
+        ("UPDATE users SET name = 'y' WHERE user_id = $1", vec![text("11")], Keys(USERS, vec![int(11)])),
+        ("DELETE FROM users WHERE user_id = $1 RETURNING *", vec![bin(&[0, 0, 0, 12])], Keys(USERS, vec![int(12)])),
+        ("SELECT * FROM users WHERE user_id = '13'", vec![], Keys(USERS, vec![int(13)])),
+        ("SELECT * FROM tenants t WHERE t.name = $1", vec![text("zed")], Shard(1)),
         // --- expressions that are not keys ---
         ("SELECT * FROM users WHERE user_id = 1+1", vec![], AllOf(USERS)),
         ("SELECT * FROM users WHERE user_id = other_col", vec![], AllOf(USERS)),
@@ -802,4 +821,21 @@ fn cache_hit_cost() {
     }
     let per = t.elapsed().as_nanos() / n;
     println!("normalized/exact mix incl. format!: {per} ns/op");
+}
+
+#[test]
+fn session_effects_are_seen_in_every_text_of_a_shape() {
+    let r = router();
+    let effects = |sql: &str| r.plan(sql).unwrap().statements[0].session_effects;
+    assert!(!effects("SELECT * FROM users WHERE user_id = 1"));
+    assert!(effects("SELECT set_config('a.b', 'c', false)"));
+    assert!(effects("CREATE TEMP TABLE t (a int)"));
+    // Both share the shape `DO <string>`: the second one's body creates a temp table.
+    assert!(!effects("DO 'BEGIN PERFORM 1; END'"));
+    assert!(effects("DO 'BEGIN CREATE TEMP TABLE t (a int); END'"));
+    assert!(!effects("DO 'BEGIN PERFORM 2; END'"));
+    // A literal that merely mentions a marker errs towards a reset; the next text of
+    // the same shape without one does not inherit it.
+    assert!(effects("SELECT * FROM users WHERE name = 'temp table'"));
+    assert!(!effects("SELECT * FROM users WHERE name = 'bob'"));
 }

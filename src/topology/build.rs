@@ -6,7 +6,7 @@
 //! builds; it never trusts that blindly and reports (instead of panicking on) anything
 //! that does not resolve.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 use std::fmt::Write as _;
 
 use super::{
@@ -42,7 +42,7 @@ pub fn build(cfg: &Config) -> Result<Topology, Vec<ConfigError>> {
         distributions.push(build_distribution(d, &path, &shards)?);
     }
 
-    let mut tables = HashMap::new();
+    let mut tables = HashMap::default();
     for (i, t) in cfg.tables.iter().enumerate() {
         let path = root.key("tables").index(i);
         let name = fold_identifier(&t.name).map_err(|m| invalid(&path.key("name"), m))?;
@@ -62,7 +62,7 @@ pub fn build(cfg: &Config) -> Result<Topology, Vec<ConfigError>> {
         );
     }
 
-    let mut reference_tables = HashSet::new();
+    let mut reference_tables = HashSet::default();
     for (i, name) in cfg.reference_tables.iter().enumerate() {
         let path = root.key("reference_tables").index(i);
         reference_tables.insert(fold_identifier(name).map_err(|m| invalid(&path, m))?);

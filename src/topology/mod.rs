@@ -8,7 +8,9 @@ pub mod build;
 pub mod hash;
 pub mod key;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
+
+use foldhash::{HashMap, HashSet};
 use std::ops::Bound;
 
 pub use key::{KeyType, KeyValue};
