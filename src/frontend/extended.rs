@@ -262,7 +262,16 @@ impl Session {
             }
             Err(e) => return Err(malformed(e)),
         };
-        if !p.name.is_empty() && self.statements.contains_key(p.name) {
+        if p.name.is_empty() {
+            // The same unnamed statement again (drivers without named statements send
+            // Parse before every execution): nothing new to analyse.
+            if let Some(old) = self.statements.get("") {
+                if old.sql == p.sql && old.param_types == p.param_types {
+                    self.add_op(Target::Local, synthetic(b'1'));
+                    return Ok(());
+                }
+            }
+        } else if self.statements.contains_key(p.name) {
             self.ext_error(PgError::error(
                 sqlstate::DUPLICATE_PREPARED_STATEMENT,
                 format!("prepared statement \"{}\" already exists", p.name),

@@ -55,14 +55,15 @@ pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr
         shared: shared.clone(),
         client,
         settings: Settings::from_startup(&greeted.params),
-        statements: HashMap::new(),
-        portals: HashMap::new(),
+        statements: HashMap::default(),
+        portals: HashMap::default(),
         txn: None,
         held: Default::default(),
         batch_open: false,
         skipping: false,
         active,
         pending: Default::default(),
+        steps: VecDeque::new(),
         id: pid,
         dirty: false,
     };
@@ -165,9 +166,9 @@ pub struct Session {
     /// What every checked-out connection must be set to for this client.
     pub settings: Settings,
     /// Protocol-level prepared statements by client name ("" is the unnamed one).
-    pub statements: HashMap<String, Arc<PreparedStatement>>,
+    pub statements: foldhash::HashMap<String, Arc<PreparedStatement>>,
     /// Bound portals by client name.
-    pub portals: HashMap<String, Portal>,
+    pub portals: foldhash::HashMap<String, Portal>,
     pub txn: Option<Txn>,
     /// Shard connections this client holds right now.
     pub held: super::held::Held<Checkout>,
@@ -179,6 +180,9 @@ pub struct Session {
     pub active: Active,
     /// Extended-protocol messages waiting for Flush or Sync.
     pub pending: super::extended::Pending,
+    /// Answers expected from shards for the statement being relayed (kept between
+    /// statements for its allocation).
+    pub steps: VecDeque<Step>,
     /// This session's key (the pid handed to the client).
     pub id: i32,
     /// A statement with untracked session effects ran on the held connections.
@@ -811,10 +815,13 @@ impl Session {
                 return Ok(false);
             }
         }
-        let mut steps = VecDeque::from([Step::Server {
+        // The session's queue, reused: no allocation per statement.
+        let mut steps = std::mem::take(&mut self.steps);
+        steps.clear();
+        steps.push_back(Step::Server {
             kind: StepKind::Query,
             forward: true,
-        }]);
+        });
         let result = if let [s] = shards {
             let Some(conn) = self.held.get_mut(s) else {
                 return Ok(false);
@@ -852,6 +859,7 @@ impl Session {
                 Err(e) => Err(RelayError::Backend(e)),
             }
         };
+        self.steps = steps;
         self.finish_relay(shards, result)
     }
 

@@ -22,6 +22,7 @@ pub(crate) struct LitSpan {
 }
 
 /// A query string with its literals cut out.
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Normalized {
     /// The text with every literal replaced by a marker naming its class.
@@ -65,13 +66,26 @@ fn is_ident_char(b: u8) -> bool {
 }
 
 /// Lex `sql`; `None` when the text holds something the lexer will not vouch for.
+#[cfg(test)]
 pub(crate) fn normalize(sql: &str) -> Option<Normalized> {
+    let (mut key, mut lits) = (String::new(), Vec::new());
+    normalize_into(sql, &mut key, &mut lits).then_some(Normalized { key, lits })
+}
+
+/// `normalize` into buffers the caller keeps (cleared first), so the hot path does not
+/// allocate; `false` when the text holds something the lexer will not vouch for.
+pub(crate) fn normalize_into(sql: &str, key: &mut String, lits: &mut Vec<LitSpan>) -> bool {
+    key.clear();
+    lits.clear();
+    normalize_inner(sql, key, lits).is_some()
+}
+
+fn normalize_inner(sql: &str, key: &mut String, lits: &mut Vec<LitSpan>) -> Option<()> {
     let b = sql.as_bytes();
     if sql.contains(MARK) {
         return None;
     }
-    let mut key = String::with_capacity(sql.len());
-    let mut lits = Vec::new();
+    key.reserve(sql.len());
     let mut i = 0;
     let mut copied = 0; // bytes of `sql` already reflected in `key`
     while i < b.len() {
@@ -169,7 +183,7 @@ pub(crate) fn normalize(sql: &str) -> Option<Normalized> {
         }
     }
     key.push_str(&sql[copied..]);
-    Some(Normalized { key, lits })
+    Some(())
 }
 
 /// Skip a `q`-quoted token starting at `i` (doubled quotes escape); offset past it.

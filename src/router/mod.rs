@@ -43,6 +43,7 @@ pub mod sqlstate;
 mod tests;
 
 use foldhash::HashMap;
+use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 
 pub use error::RouteError;
@@ -111,7 +112,7 @@ pub struct StatementPlan {
     /// literal values).
     shape: Arc<StmtShape>,
     /// The literal values of this query string.
-    lits: Arc<Vec<LitValue>>,
+    lits: Arc<[LitValue]>,
     /// The statement may leave session state behind that the router does not track
     /// (`set_config(…, false)`, advisory locks, temporary objects, WITH HOLD cursors):
     /// the server connection must be reset before another client uses it.
@@ -234,29 +235,30 @@ impl Router {
         if let Some(p) = self.with_cache(version, |c| c.exact.get(sql).cloned()) {
             return Ok(p);
         }
-        let norm = lexer::normalize(sql);
-        let lits: Vec<LitValue> = norm
-            .as_ref()
-            .map(|n| {
-                n.lits
-                    .iter()
-                    .map(|s| LitValue {
-                        text: lexer::literal_value(sql, s),
-                        string: s.string,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(n) = &norm {
-            if let Some(shared) = self.with_cache(version, |c| c.shapes.get(&n.key).cloned()) {
+        // The normalized text and literal spans, in per-thread buffers: a hit on a shape
+        // then allocates only the plan itself.
+        thread_local! {
+            static SCRATCH: RefCell<(String, Vec<LitSpan>)> = const { RefCell::new((String::new(), Vec::new())) };
+        }
+        let looked = SCRATCH.with(|scratch| {
+            let (key, spans) = &mut *scratch.borrow_mut();
+            if !lexer::normalize_into(sql, key, spans) {
+                return Err(None);
+            }
+            match self.with_cache(version, |c| c.shapes.get(key.as_str()).cloned()) {
                 // Not added to the exact-text cache: texts that differ only in literals
                 // (every pgbench query) would churn it; this path is cheap already.
-                return Ok(Arc::new(instantiate(&shared, sql, &n.lits, lits)));
+                Some(shared) => Ok(Arc::new(instantiate(&shared, sql, spans))),
+                None => Err(Some((key.clone(), spans.clone()))),
             }
-        }
+        });
+        let norm = match looked {
+            Ok(plan) => return Ok(plan),
+            Err(norm) => norm,
+        };
 
         let parsed = parse::parse(sql)?;
-        let spans: &[LitSpan] = norm.as_ref().map(|n| n.lits.as_slice()).unwrap_or(&[]);
+        let spans: &[LitSpan] = norm.as_ref().map(|n| n.1.as_slice()).unwrap_or(&[]);
         let mut shareable = norm.is_some();
         let mut shared = Vec::with_capacity(parsed.protobuf.stmts.len());
         for raw in &parsed.protobuf.stmts {
@@ -287,11 +289,11 @@ impl Router {
             statements: shared,
             lits: spans.to_vec(),
         };
-        let plan = Arc::new(instantiate(&shared, sql, spans, lits));
+        let plan = Arc::new(instantiate(&shared, sql, spans));
         self.with_cache(version, |c| {
             insert_bounded(&mut c.exact, sql, &plan);
-            if let (true, Some(n)) = (shareable, norm) {
-                insert_bounded(&mut c.shapes, &n.key, &Arc::new(shared));
+            if let (true, Some((key, _))) = (shareable, &norm) {
+                insert_bounded(&mut c.shapes, key, &Arc::new(shared));
             }
         });
         Ok(plan)
@@ -334,18 +336,19 @@ fn insert_bounded<T>(map: &mut HashMap<String, Arc<T>>, key: &str, value: &Arc<T
 
 /// A plan for `sql` from a shared analysis. `new_spans` are `sql`'s literal spans; they
 /// pair one-to-one with `shared.lits` because the normalized texts are equal.
-fn instantiate(
-    shared: &SharedPlan,
-    sql: &str,
-    new_spans: &[LitSpan],
-    lits: Vec<LitValue>,
-) -> QueryPlan {
+fn instantiate(shared: &SharedPlan, sql: &str, new_spans: &[LitSpan]) -> QueryPlan {
+    let lits: Arc<[LitValue]> = new_spans
+        .iter()
+        .map(|s| LitValue {
+            text: lexer::literal_value(sql, s),
+            string: s.string,
+        })
+        .collect();
     // A string literal can be code that runs later (`DO 'BEGIN … END'`), and texts of
     // one shape differ only in literals: check this text's own strings as well.
     let strings_have_effects = lits
         .iter()
         .any(|l| l.string && has_session_effects(&l.text));
-    let lits = Arc::new(lits);
     // Statement boundaries never fall inside a literal, so an offset moves by the
     // length change of every literal before it.
     let shift = |off: usize| -> usize {
