@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bb8::{ManageConnection, PooledConnection, RunError};
+use bb8::{ManageConnection, PooledConnection, QueueStrategy, RunError};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{BackendError, ServerConn};
@@ -229,6 +229,10 @@ impl Pools {
                     .max_size(settings.size.max(1))
                     .min_idle(None)
                     .test_on_check_out(false)
+                    // The connection returned last is handed out first (PgBouncer does the
+                    // same): a hot backend's caches serve the next statement, and under
+                    // light load the extra connections stay idle until idle_timeout.
+                    .queue_strategy(QueueStrategy::Lifo)
                     .retry_connection(false)
                     .connection_timeout(settings.checkout_timeout)
                     .idle_timeout(Some(Duration::from_secs(300)))

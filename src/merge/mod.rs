@@ -113,13 +113,10 @@ pub(crate) async fn next_frame(
     if client.flush_soon {
         client.flush().await?;
     }
-    // Most answers come quickly: wait for the shard alone first, so the common case costs
-    // no extra look at the client's socket.
-    tokio::select! {
-        biased;
-        f = conn.read_raw() => return Ok(f?),
-        _ = tokio::time::sleep(WATCH_CLIENT_AFTER) => {}
-    }
+    // No timer here: arming one per wait makes tokio wake its own driver (an eventfd
+    // write and an extra epoll_wait per statement). Watching the client's socket from
+    // the start costs nothing extra either: the one read that finds it empty would
+    // otherwise happen when the session next waits for the client.
     loop {
         tokio::select! {
             biased;
@@ -137,9 +134,6 @@ pub(crate) async fn next_frame(
         }
     }
 }
-
-/// How long a shard may take before the relay also watches for the client going away.
-const WATCH_CLIENT_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A shard's ErrorResponse as the client should see it. A FATAL from a shard ends that
 /// shard connection, not the client's session, so it is reported as an ERROR saying the
