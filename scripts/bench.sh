@@ -599,7 +599,11 @@ main() {
         for t in direct pgbouncer shardwire shardwire-4; do
             say "  $t: port ${TARGET_PORT[$t]}${TARGET_PID[$t]:+, pid ${TARGET_PID[$t]}}"
         done
-        while true; do sleep 3600; done
+        # In the background and waited for, so a signal to this script ends it at once.
+        while true; do
+            sleep 3600 &
+            wait $! || true
+        done
     fi
 
     printf '%s\t%s\n' \
