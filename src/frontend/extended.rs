@@ -153,8 +153,16 @@ fn malformed(e: MalformedMessage) -> SessionError {
     SessionError::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))
 }
 
+/// An answer without a body (ParseComplete `1`, BindComplete `2`, CloseComplete `3`,
+/// NoData `n`), from static bytes: no allocation.
 fn synthetic(tag: u8) -> Op {
-    Op::Synthetic(messages::raw(tag, &[]))
+    Op::Synthetic(match tag {
+        b'1' => Bytes::from_static(b"1\0\0\0\x04"),
+        b'2' => Bytes::from_static(b"2\0\0\0\x04"),
+        b'3' => Bytes::from_static(b"3\0\0\0\x04"),
+        b'n' => Bytes::from_static(b"n\0\0\0\x04"),
+        _ => messages::raw(tag, &[]),
+    })
 }
 
 impl Session {
@@ -173,7 +181,12 @@ impl Session {
             }
             _ => groups.push(Group {
                 target,
-                ops: vec![op],
+                ops: {
+                    // Room for a whole P/B/D/E batch without growing.
+                    let mut ops = Vec::with_capacity(8);
+                    ops.push(op);
+                    ops
+                },
             }),
         }
     }
@@ -346,7 +359,7 @@ impl Session {
                     .enumerate()
                     .map(|(i, v)| Param {
                         value: *v,
-                        binary: b.param_formats.get(i).copied() == Some(1),
+                        binary: b.is_binary(i),
                         type_oid: stmt.param_types.get(i).copied().unwrap_or(0),
                     })
                     .collect();

@@ -127,12 +127,23 @@ pub fn parse_parse(body: &[u8]) -> Result<Parse<'_>, MalformedMessage> {
 pub struct Bind<'a> {
     pub portal: &'a str,
     pub statement: &'a str,
-    /// Format code per parameter, expanded (0 text, 1 binary).
-    pub param_formats: Vec<i16>,
+    /// Format codes as sent: none (all text), one for all, or one per parameter.
+    formats: Vec<i16>,
     pub params: Vec<Option<&'a [u8]>>,
     /// Offset in the body where the parameter-format count starts: everything after the
     /// two names, so the message can be re-sent under another statement name.
     pub rest_offset: usize,
+}
+
+impl Bind<'_> {
+    /// Whether parameter `i` (0-based) is sent in binary format.
+    pub fn is_binary(&self, i: usize) -> bool {
+        match self.formats.as_slice() {
+            [] => false,
+            [one] => *one == 1,
+            all => all.get(i) == Some(&1),
+        }
+    }
 }
 
 pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, MalformedMessage> {
@@ -161,19 +172,16 @@ pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, MalformedMessage> {
         r.i16()?;
     }
     r.finish()?;
-    let param_formats = match nf {
-        0 => vec![0; np],
-        1 => vec![formats[0]; np],
-        n if n == np => formats,
-        _ => return Err(r.err("parameter format count does not match parameter count")),
-    };
-    if param_formats.iter().any(|f| *f != 0 && *f != 1) {
+    if nf > 1 && nf != np {
+        return Err(r.err("parameter format count does not match parameter count"));
+    }
+    if formats.iter().any(|f| *f != 0 && *f != 1) {
         return Err(r.err("unsupported format code"));
     }
     Ok(Bind {
         portal,
         statement,
-        param_formats,
+        formats,
         params,
         rest_offset,
     })
@@ -369,13 +377,26 @@ mod tests {
         let bind = parse_bind(&body).expect("valid");
         assert_eq!(bind.portal, "p1");
         assert_eq!(bind.statement, "s1");
-        assert_eq!(bind.param_formats, vec![1, 1]);
+        assert!(bind.is_binary(0) && bind.is_binary(1));
         assert_eq!(bind.params, vec![Some(&[0u8, 0, 0, 5][..]), None]);
         let mut out = BytesMut::new();
         rebind(&mut out, "p1", "sw_1", &body[bind.rest_offset..]);
         let reparsed = parse_bind(&out[5..]).expect("valid");
         assert_eq!(reparsed.statement, "sw_1");
         assert_eq!(reparsed.params, bind.params);
+    }
+
+    #[test]
+    fn bind_format_codes_none_one_or_each() {
+        let params: &[Option<&[u8]>] = &[Some(b"1"), Some(b"2")];
+        let none = bind_body("s", &[], params);
+        let b = parse_bind(&none).expect("valid");
+        assert!(!b.is_binary(0) && !b.is_binary(1));
+        let each = bind_body("s", &[0, 1], params);
+        let b = parse_bind(&each).expect("valid");
+        assert!(!b.is_binary(0) && b.is_binary(1));
+        assert!(parse_bind(&bind_body("s", &[0, 1, 1], params)).is_err());
+        assert!(parse_bind(&bind_body("s", &[2], params)).is_err());
     }
 
     #[test]
