@@ -507,13 +507,16 @@ impl Session {
     /// has answered does each shard get its Sync, preceded by a message that fails on
     /// purpose if any part failed, so that no shard commits part of a failed batch.
     pub(super) async fn run_groups(&mut self, sync: bool) -> Result<(), SessionError> {
-        let groups = std::mem::take(&mut self.pending.groups);
+        let mut groups = std::mem::take(&mut self.pending.groups);
         self.pending.bytes = 0;
-        let server_groups: Vec<&Target> = groups
+        let mut server_groups = groups
             .iter()
             .map(|g| &g.target)
-            .filter(|t| **t != Target::Local)
-            .collect();
+            .filter(|t| **t != Target::Local);
+        let only_server_group = match (server_groups.next(), server_groups.next()) {
+            (Some(Target::Shard(s)), None) => Some(*s),
+            _ => None,
+        };
         // One shard, nothing left open elsewhere: send the Sync with the messages.
         let router_error = groups
             .iter()
@@ -521,11 +524,9 @@ impl Session {
         let fast_sync = sync
             && !self.pending.failed
             && !router_error
-            && match server_groups.as_slice() {
-                [Target::Shard(s)] => self.pending.unsynced.iter().all(|u| u == s),
-                _ => false,
-            };
-        for g in groups {
+            && only_server_group.is_some_and(|s| self.pending.unsynced.iter().all(|u| *u == s));
+        // Drained rather than consumed: the emptied list goes back for the next batch.
+        for g in groups.drain(..) {
             if self.pending.failed {
                 continue;
             }
@@ -553,6 +554,9 @@ impl Session {
             if !ok {
                 self.pending.failed = true;
             }
+        }
+        if self.pending.groups.is_empty() {
+            self.pending.groups = groups;
         }
         if !sync {
             if self.pending.failed {
@@ -617,7 +621,9 @@ impl Session {
         let Some(conn) = self.held.get_mut(&shard) else {
             return Ok(false);
         };
-        let mut steps = VecDeque::with_capacity(ops.len() + 2);
+        // The session's queue, reused: no allocation per batch.
+        let mut steps = std::mem::take(&mut self.steps);
+        steps.clear();
         let mut router_error = false;
         // Statements created by this group: (server step index, hash).
         let mut created: Vec<(usize, u64)> = Vec::new();
@@ -707,6 +713,7 @@ impl Session {
                 }
             }
         }
+        self.steps = steps;
         let ok = self.finish_relay(&[shard], result)?;
         Ok(ok && !router_error)
     }
@@ -727,7 +734,9 @@ impl Session {
         // The same messages go to every shard; statements are sent unnamed each time so
         // every shard's answers line up step for step.
         let mut wire = BytesMut::new();
-        let mut steps = VecDeque::with_capacity(ops.len() + 2);
+        // The session's queue, reused: no allocation per batch.
+        let mut steps = std::mem::take(&mut self.steps);
+        steps.clear();
         let mut router_error = false;
         for op in ops {
             match op {
