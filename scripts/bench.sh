@@ -16,7 +16,8 @@
 # and full_page_writes off), loads pgbench data, starts PgBouncer (Debian's, transaction
 # pooling, pool size = shardwire's pool.size) on 16432, shardwire with
 # scripts/bench/one-shard.yaml on 16433 and with scripts/bench/four-shard.yaml on 16434,
-# then runs interleaved rounds (the order of the targets rotates every round) of:
+# then runs interleaved rounds (the order of the targets rotates every round; each timed
+# run follows one unrecorded second of the same run) of:
 #   -S (select-only) with -M simple / extended / prepared, 16 clients, 2 threads
 #   a point read (scripts/bench/point-read.sql) at 1 client
 #   the TPC-B-like default at 8 clients (not through 4 shards: see four-shard.yaml)
@@ -324,6 +325,20 @@ run_one() { # workload target round -- pgbench options
     port="${TARGET_PORT[$target]}" pid="${TARGET_PID[$target]:-}"
     local cmd=(pgbench -h 127.0.0.1 -p "$port" -U "$DB_USER" -n "$@")
     printf '%s ' "${cmd[@]}" "-l --log-prefix=<dir>/log $DB" >"$dir/cmd"
+    if [[ "$SMOKE" == 0 ]]; then
+        # One unrecorded second of the same run first: the target's connections and
+        # caches warm up, and what the previous run left behind (a connect storm's
+        # exiting backends) settles before the measured run starts.
+        local warm=() a prev=""
+        for a in "$@"; do
+            if [[ "$prev" == -T ]]; then warm+=(1); else warm+=("$a"); fi
+            prev="$a"
+        done
+        if [[ " $* " == *" -T "* ]]; then
+            timeout -k 5 60 pgbench -h 127.0.0.1 -p "$port" -U "$DB_USER" -n "${warm[@]}" "$DB" \
+                </dev/null >/dev/null 2>&1 || true
+        fi
+    fi
     before=- after=-
     [[ -n "$pid" ]] && before="$(proc_ticks "$pid")"
     rc=0
@@ -462,8 +477,9 @@ write_report() { # file
         echo
         echo "Written by \`scripts/bench.sh\` (do not edit by hand; re-run it). One run; every"
         echo "figure is the median over $ROUNDS interleaved rounds (the order of the targets"
-        echo "rotates every round), with the min–max of the rounds beside it. The machine is"
-        echo "shared and noisy: compare the ratios, not the absolute numbers."
+        echo "rotates every round; each timed run follows one unrecorded second of the same"
+        echo "run), with the min–max of the rounds beside it. The machine is shared and noisy:"
+        echo "compare the ratios, not the absolute numbers."
         echo
         echo "## Machine"
         echo
