@@ -506,7 +506,7 @@ impl Session {
     /// several shards (or several groups) is sent with Flush, and only when every part
     /// has answered does each shard get its Sync, preceded by a message that fails on
     /// purpose if any part failed, so that no shard commits part of a failed batch.
-    pub(super) async fn run_groups(&mut self, sync: bool) -> Result<(), SessionError> {
+    async fn run_groups(&mut self, sync: bool) -> Result<(), SessionError> {
         let mut groups = std::mem::take(&mut self.pending.groups);
         self.pending.bytes = 0;
         let mut server_groups = groups

@@ -1005,36 +1005,3 @@ fn savepoint_tag(text: &str) -> &'static str {
         "SAVEPOINT"
     }
 }
-
-#[cfg(test)]
-mod future_sizes {
-    use super::Session;
-    use bytes::BytesMut;
-
-    fn size<'a, Fut>(_f: impl FnOnce(&'a mut Session, BytesMut) -> Fut) -> usize {
-        std::mem::size_of::<Fut>()
-    }
-
-    fn size1<'a, A, Fut>(_f: impl FnOnce(&'a mut Session, A) -> Fut) -> usize {
-        std::mem::size_of::<Fut>()
-    }
-    fn size2<'a, A, B, Fut>(_f: impl FnOnce(&'a mut Session, A, B) -> Fut) -> usize {
-        std::mem::size_of::<Fut>()
-    }
-    fn size3<'a, A, B, C, Fut>(_f: impl FnOnce(&'a mut Session, A, B, C) -> Fut) -> usize {
-        std::mem::size_of::<Fut>()
-    }
-
-    #[test]
-    fn print_request_future_sizes() {
-        println!("simple_query future: {} bytes", size(Session::simple_query));
-        println!("extended future: {} bytes", size2(Session::extended));
-        println!("execute {}", size2(Session::execute));
-        println!("end_txn {}", size2(Session::end_txn));
-        println!("savepoint {}", size2(Session::savepoint));
-        println!("run_routed {}", size2(Session::run_routed));
-        println!("run_on {}", size3(Session::run_on));
-        println!("conn_for {}", size1(Session::conn_for));
-        println!("run_groups {}", size1(Session::run_groups));
-    }
-}

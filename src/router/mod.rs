@@ -261,6 +261,8 @@ impl Router {
         let spans: &[LitSpan] = norm.as_ref().map(|n| n.1.as_slice()).unwrap_or(&[]);
         let mut shareable = norm.is_some();
         let mut shared = Vec::with_capacity(parsed.protobuf.stmts.len());
+        // Session effects are judged without the literals (see `SharedStatement`).
+        let blanked = without_literals(sql, spans);
         for raw in &parsed.protobuf.stmts {
             let start = usize::try_from(raw.stmt_location)
                 .unwrap_or(0)
@@ -278,11 +280,7 @@ impl Router {
                 shape: Arc::new(shape),
                 start,
                 end,
-                session_effects: has_session_effects(statement_text(
-                    &without_literals(sql, spans),
-                    start,
-                    end,
-                )),
+                session_effects: has_session_effects(statement_text(&blanked, start, end)),
             });
         }
         let shared = SharedPlan {

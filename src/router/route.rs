@@ -370,12 +370,7 @@ impl<'a> Router<'a> {
             Value::Lit { idx, neg: false } => KeyValue::from_text(&self.lits.get(*idx)?.text, ty)?,
             Value::Param(i) => {
                 let p = self.params.get(*i)?;
-                let bytes = p.value?;
-                if p.binary {
-                    KeyValue::from_binary(bytes, ty)?
-                } else {
-                    KeyValue::from_text(std::str::from_utf8(bytes).ok()?, ty)?
-                }
+                param_key(p.value?, p.binary, ty)?
             }
             _ => return None,
         };
@@ -1017,14 +1012,7 @@ impl<'a> Router<'a> {
                     return Ok(Keys::Some(Vec::new()));
                 };
                 let loose = matches!(p.type_oid, 700 | 701 | 1700);
-                let decoded = if p.binary {
-                    KeyValue::from_binary(bytes, ty)
-                } else {
-                    std::str::from_utf8(bytes)
-                        .ok()
-                        .and_then(|s| KeyValue::from_text(s, ty))
-                };
-                match decoded {
+                match param_key(bytes, p.binary, ty) {
                     Some(k) => Ok(Keys::Some(vec![k])),
                     None if loose && usage == Use::Filter => Ok(Keys::Unknown),
                     None if p.binary => Err(RouteError::new(
@@ -1102,6 +1090,15 @@ impl<'a> Router<'a> {
             }
             Value::Default | Value::Expr => Ok(Keys::Unknown),
         }
+    }
+}
+
+/// A Bind parameter's bytes as a key of type `ty`, if they decode as one.
+fn param_key(bytes: &[u8], binary: bool, ty: KeyType) -> Option<KeyValue> {
+    if binary {
+        KeyValue::from_binary(bytes, ty)
+    } else {
+        KeyValue::from_text(std::str::from_utf8(bytes).ok()?, ty)
     }
 }
 
