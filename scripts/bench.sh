@@ -91,6 +91,9 @@ DIRECT_PORT=15433 FOUR_PORTS=(15434 15435 15436 15437)
 PGB_PORT=16432 SW1_PORT=16433 SW4_PORT=16434
 FOUR_SLOTS=("0 255" "256 511" "512 767" "768 1023")
 PG_SETTINGS=("shared_buffers=256MB" "max_connections=300")
+# The four shards share the one server's memory: each holds a quarter of the data, and
+# gets a quarter of its shared_buffers (fits the 35 MB of a shard's accounts).
+FOUR_PG_SETTINGS=("shared_buffers=64MB" "max_connections=300")
 export PGPASSWORD="$DB_PASSWORD" PGCONNECT_TIMEOUT=10
 CLK_TCK="$(getconf CLK_TCK)"
 export CLK_TCK
@@ -178,13 +181,14 @@ psql_at() { # port sql...
 
 # Start the shards of a config (recording that we must stop them), then apply the
 # benchmark settings with ALTER SYSTEM and restart if any differed.
-start_cluster() {
+start_cluster() { # config settings-array-name port...
     local cfg="$1" port restart=0 s name val cur
-    shift
+    local -n settings="$2"
+    shift 2
     STOP_CONFIGS+=("$cfg")
     bash scripts/shards.sh start "$cfg" >/dev/null || die "could not start the shards of $cfg"
     for port in "$@"; do
-        for s in "${PG_SETTINGS[@]}"; do
+        for s in "${settings[@]}"; do
             name="${s%%=*}" val="${s#*=}"
             cur="$(psql_at "$port" -tAc "SHOW $name")" || die "cannot reach PostgreSQL on $port"
             if [[ "$cur" != "$val" ]]; then
@@ -194,7 +198,7 @@ start_cluster() {
         done
     done
     if [[ "$restart" == 1 ]]; then
-        say "applying benchmark settings (${PG_SETTINGS[*]}) to $cfg: restarting"
+        say "applying benchmark settings (${settings[*]}) to $cfg: restarting"
         bash scripts/shards.sh restart "$cfg" >/dev/null || die "could not restart the shards of $cfg"
     fi
 }
@@ -202,9 +206,10 @@ start_cluster() {
 # Load pgbench data at $SCALE into one server; with "LO HI", keep only the
 # pgbench_accounts rows of hash slots LO..HI. A table comment marks a finished load, so a
 # re-run with the same scale and slots skips it.
+slot_sql() { echo "((((hashint8extended(aid, 0) % 1024) + 1024) % 1024))"; }
 load_pgbench() {
     local port="$1" slots="${2:-}" mark have
-    mark="shardwire-bench scale=$SCALE slots=${slots:-all}"
+    mark="shardwire-bench v2 scale=$SCALE slots=${slots:-all}"
     have="$(psql_at "$port" -tAc "SELECT obj_description('pgbench_accounts'::regclass, 'pg_class')" 2>/dev/null || true)"
     if [[ "$have" == "$mark" ]]; then
         say "port $port: pgbench data already loaded ($mark)"
@@ -217,13 +222,18 @@ load_pgbench() {
         }
         if [[ -n "$slots" ]]; then
             local lo="${slots% *}" hi="${slots#* }"
-            psql_at "$port" >/dev/null <<SQL
-DELETE FROM pgbench_accounts
- WHERE ((((hashint8extended(aid, 0) % 1024) + 1024) % 1024) NOT BETWEEN $lo AND $hi);
-VACUUM FULL pgbench_accounts;
-SQL
+            # (-c, not a here-document: psql_at reads stdin from /dev/null)
+            psql_at "$port" -c "DELETE FROM pgbench_accounts WHERE $(slot_sql) NOT BETWEEN $lo AND $hi" \
+                -c "VACUUM FULL pgbench_accounts" >/dev/null
         fi
         psql_at "$port" -c "VACUUM ANALYZE" -c "COMMENT ON TABLE pgbench_accounts IS '$mark'" >/dev/null
+    fi
+    if [[ -n "$slots" ]]; then
+        # A shard that holds rows of other shards' slots would make the 4-shard figures
+        # meaningless (and once did, silently): check, every run.
+        local lo="${slots% *}" hi="${slots#* }" stray
+        stray="$(psql_at "$port" -tAc "SELECT count(*) FROM pgbench_accounts WHERE $(slot_sql) NOT BETWEEN $lo AND $hi")"
+        [[ "$stray" == 0 ]] || die "port $port holds $stray pgbench_accounts rows outside slots $lo-$hi"
     fi
     # TPC-B-like runs only append to pgbench_history; start every run from an empty one.
     psql_at "$port" -c "TRUNCATE pgbench_history" -c "CHECKPOINT" >/dev/null
@@ -511,10 +521,11 @@ write_report() { # file
         echo "## Setup"
         echo
         echo "- PostgreSQL 15 clusters from \`scripts/shards.sh\` with ALTER SYSTEM"
-        echo "  ${PG_SETTINGS[*]}; shards.sh runs every cluster with fsync, synchronous_commit"
-        echo "  and full_page_writes **off** (not crash safe; the same for every target)."
-        echo "  One server on $DIRECT_PORT (direct, PgBouncer, shardwire 1 shard); four on"
-        echo "  ${FOUR_PORTS[*]} for shardwire 4 shards."
+        echo "  ${PG_SETTINGS[*]} (the four shards: ${FOUR_PG_SETTINGS[*]}, a quarter of the"
+        echo "  memory for a quarter of the data); shards.sh runs every cluster with fsync,"
+        echo "  synchronous_commit and full_page_writes **off** (not crash safe; the same for"
+        echo "  every target). One server on $DIRECT_PORT (direct, PgBouncer, shardwire 1 shard);"
+        echo "  four on ${FOUR_PORTS[*]} for shardwire 4 shards."
         echo "- Data: \`pgbench -i -s $SCALE -I dtGvp\` on every server; on the four shards each"
         echo "  keeps only its own hash slots of pgbench_accounts:"
         echo "  \`DELETE FROM pgbench_accounts WHERE ((((hashint8extended(aid, 0) % 1024) + 1024) % 1024) NOT BETWEEN lo AND hi)\`"
@@ -590,8 +601,8 @@ main() {
     export SHARDWIRE_BIN="$SW_BIN"
 
     say "starting PostgreSQL (one server on $DIRECT_PORT, four shards on ${FOUR_PORTS[*]})"
-    start_cluster "$ONE_CFG" "$DIRECT_PORT"
-    start_cluster "$FOUR_CFG" "${FOUR_PORTS[@]}"
+    start_cluster "$ONE_CFG" PG_SETTINGS "$DIRECT_PORT"
+    start_cluster "$FOUR_CFG" FOUR_PG_SETTINGS "${FOUR_PORTS[@]}"
 
     load_pgbench "$DIRECT_PORT"
     local i
