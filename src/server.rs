@@ -104,7 +104,7 @@ impl ServeOptions {
 pub async fn start(opts: ServeOptions) -> std::io::Result<RunningRouter> {
     let listener = TcpListener::bind(&opts.listen).await?;
     let addr = listener.local_addr()?;
-    let pools = Arc::new(Pools::new(&opts.topology.shards, opts.pool));
+    let pools = Pools::new(&opts.topology.shards, opts.pool);
     let users: HashMap<String, UserAuth> = opts
         .users
         .iter()

@@ -125,3 +125,43 @@ async fn a_client_that_disconnects_mid_statement_has_it_cancelled() {
     );
     r.stop().await;
 }
+
+#[tokio::test]
+async fn a_broken_connection_frees_its_slot_for_the_next_waiter() {
+    let r = small_router(Duration::from_secs(20)).await;
+    let holder = common::connect(&r).await;
+    holder.batch_execute("BEGIN").await.expect("begin");
+    let pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("backend pid")
+        .get(0);
+    // A second client queues behind the only connection.
+    let waiter = common::connect(&r).await;
+    let queued = tokio::spawn(async move { waiter.simple_query("SELECT 42").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !queued.is_finished(),
+        "the waiter queues behind the held connection"
+    );
+    // The held backend dies; the holder's COMMIT meets the dead connection, which is
+    // dropped instead of going back to the pool.
+    let s0 = common::shard(0).await;
+    let killed: bool = s0
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("terminate")
+        .get(0);
+    assert!(killed, "the holder's backend was terminated");
+    let commit = holder.batch_execute("COMMIT").await;
+    assert!(commit.is_err(), "COMMIT on a terminated backend fails");
+    // The freed slot goes to the waiter, which opens a new connection: it is served,
+    // and not with a checkout timeout after 20 s.
+    let rows = tokio::time::timeout(Duration::from_secs(60), queued)
+        .await
+        .expect("the waiter gets an answer")
+        .expect("task")
+        .expect("the waiter is served over a new connection");
+    assert_eq!(rows.len(), 3, "row, description and command complete");
+    r.stop().await;
+}
