@@ -15,7 +15,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::protocol::codec::{decode_raw, Frame, PROTOCOL_3_0};
+use crate::protocol::codec::{frame_len, Frame, PROTOCOL_3_0};
 use crate::protocol::error::summarize_error;
 use crate::protocol::messages::{self, parse_parameter_status};
 use crate::topology::{Shard, ShardId};
@@ -231,14 +231,26 @@ impl ServerConn {
     /// Read the next whole frame as raw bytes (tag, length, body), ready to forward.
     /// Cancel-safe: a partial frame stays in the buffer.
     pub async fn read_raw(&mut self) -> Result<BytesMut, BackendError> {
+        let n = self.ready_frame().await?;
+        Ok(self.read_raw_buffered(n))
+    }
+
+    /// Wait until the next whole frame is buffered and return its length; it is then
+    /// `frame(n)` until `consume(n)`. Lets a relay copy a frame straight to the client
+    /// without splitting it off the buffer. Cancel-safe.
+    pub async fn ready_frame(&mut self) -> Result<usize, BackendError> {
         loop {
-            match decode_raw(&mut self.rbuf, MAX_BACKEND_MESSAGE) {
-                Ok(Some(f)) => {
-                    if f[0] == b'Z' {
-                        self.status = f.get(5).copied().unwrap_or(b'I');
+            match frame_len(&self.rbuf, MAX_BACKEND_MESSAGE) {
+                Ok(Some(n)) if self.rbuf.len() >= n => {
+                    if self.rbuf[0] == b'Z' {
+                        self.status = self.rbuf.get(5).copied().unwrap_or(b'I');
                         self.in_flight = false;
                     }
-                    return Ok(f);
+                    return Ok(n);
+                }
+                Ok(Some(n)) => {
+                    let missing = n - self.rbuf.len();
+                    self.rbuf.reserve(missing.min(1 << 20));
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -270,6 +282,22 @@ impl ServerConn {
                 });
             }
         }
+    }
+
+    /// Split off the first `n` buffered bytes: a frame `ready_frame` returned the
+    /// length of.
+    pub fn read_raw_buffered(&mut self, n: usize) -> BytesMut {
+        self.rbuf.split_to(n)
+    }
+
+    /// The first `n` buffered bytes: a frame `ready_frame` returned the length of.
+    pub fn frame(&self, n: usize) -> &[u8] {
+        &self.rbuf[..n]
+    }
+
+    /// Drop the first `n` buffered bytes (a frame read with `frame`).
+    pub fn consume(&mut self, n: usize) {
+        self.rbuf.advance(n);
     }
 
     /// Whether a whole frame is already buffered (so reading it will not wait).

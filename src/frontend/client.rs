@@ -62,7 +62,9 @@ impl ClientConn {
     /// socket to be readable before growing the buffer, so a client that sits idle
     /// holds no read buffer.
     pub async fn fill(&mut self) -> Result<(), ClientError> {
-        self.stream.readable().await?;
+        // poll_read_ready rather than `readable()`: it keeps the waker in the socket's
+        // own reader slot instead of a mutex-guarded waiter list (one task owns it).
+        std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)).await?;
         if self.rbuf.capacity() - self.rbuf.len() < 512 {
             // Small to start with (most messages are); a large message makes the frame
             // decoder reserve what it needs.

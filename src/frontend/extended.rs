@@ -267,6 +267,17 @@ impl Session {
     }
 
     fn on_parse(&mut self, body: &Bytes) -> Result<(), SessionError> {
+        // The same unnamed statement again (drivers without named statements send Parse
+        // before every execution): nothing new to analyse, and the message need not
+        // even be decoded.
+        if body.first() == Some(&0) {
+            if let Some(old) = self.statements.get("") {
+                if messages::is_parse_of(body, "", &old.sql, &old.param_types) {
+                    self.add_op(Target::Local, synthetic(b'1'));
+                    return Ok(());
+                }
+            }
+        }
         let p = match messages::parse_parse(body) {
             Ok(p) => p,
             Err(e) if e.is_encoding() => {
@@ -275,16 +286,7 @@ impl Session {
             }
             Err(e) => return Err(malformed(e)),
         };
-        if p.name.is_empty() {
-            // The same unnamed statement again (drivers without named statements send
-            // Parse before every execution): nothing new to analyse.
-            if let Some(old) = self.statements.get("") {
-                if old.sql == p.sql && old.param_types == p.param_types {
-                    self.add_op(Target::Local, synthetic(b'1'));
-                    return Ok(());
-                }
-            }
-        } else if self.statements.contains_key(p.name) {
+        if !p.name.is_empty() && self.statements.contains_key(p.name) {
             self.ext_error(PgError::error(
                 sqlstate::DUPLICATE_PREPARED_STATEMENT,
                 format!("prepared statement \"{}\" already exists", p.name),

@@ -107,8 +107,18 @@ pub(crate) async fn next_frame(
     conn: &mut crate::backend::ServerConn,
     client: &mut crate::frontend::client::ClientConn,
 ) -> Result<bytes::BytesMut, RelayError> {
+    let n = next_frame_len(conn, client).await?;
+    Ok(conn.read_raw_buffered(n))
+}
+
+/// As `next_frame`, but the frame stays in `conn`'s buffer: its length is returned, the
+/// bytes are `conn.frame(n)` until `conn.consume(n)`. Cancel-safe.
+pub(crate) async fn next_frame_len(
+    conn: &mut crate::backend::ServerConn,
+    client: &mut crate::frontend::client::ClientConn,
+) -> Result<usize, RelayError> {
     if conn.has_buffered_frame() {
-        return Ok(conn.read_raw().await?);
+        return Ok(conn.ready_frame().await?);
     }
     if client.flush_soon {
         client.flush().await?;
@@ -120,7 +130,7 @@ pub(crate) async fn next_frame(
     loop {
         tokio::select! {
             biased;
-            f = conn.read_raw() => return Ok(f?),
+            n = conn.ready_frame() => return Ok(n?),
             r = client.fill(), if client.buffered() < (1 << 20) => {
                 if let Err(e) = r {
                     conn.broken = true;

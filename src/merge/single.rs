@@ -24,15 +24,23 @@ pub async fn relay_single(
         let Some(Step::Server { kind, forward }) = steps.front().cloned() else {
             return Ok(out);
         };
-        let frame = super::next_frame(conn, client).await?;
-        let tag = frame[0];
+        let n = super::next_frame_len(conn, client).await?;
+        let tag = conn.frame(n)[0];
+        // Most frames are copied to the client straight from the shard's buffer.
         match tag {
             // Asynchronous messages: always the client's.
             b'N' | b'S' | b'A' => {
-                client.wbuf.extend_from_slice(&frame);
+                client.wbuf.extend_from_slice(conn.frame(n));
+                conn.consume(n);
                 client.flush_soon = true;
             }
+            b'Z' if kind.is_terminal(tag) => {
+                conn.consume(n);
+                steps.pop_front();
+                done += 1;
+            }
             b'E' => {
+                let frame = conn.read_raw_buffered(n);
                 client.flush_soon = true;
                 match super::client_error(&frame, &conn.shard_name) {
                     Some(e) => {
@@ -50,20 +58,18 @@ pub async fn relay_single(
                     }
                 }
             }
-            b'Z' if kind.is_terminal(tag) => {
-                steps.pop_front();
-                done += 1;
-            }
             b'G' => {
                 // COPY FROM STDIN: the client streams CopyData until CopyDone/CopyFail.
-                client.wbuf.extend_from_slice(&frame);
+                client.wbuf.extend_from_slice(conn.frame(n));
+                conn.consume(n);
                 client.flush().await?;
                 copy_in(conn, client, kind == super::StepKind::Execute).await?;
             }
             _ => {
                 if forward {
-                    client.wbuf.extend_from_slice(&frame);
+                    client.wbuf.extend_from_slice(conn.frame(n));
                 }
+                conn.consume(n);
                 if kind.is_terminal(tag) {
                     steps.pop_front();
                     done += 1;

@@ -105,6 +105,24 @@ pub struct Parse<'a> {
     pub param_types: Vec<u32>,
 }
 
+/// Whether a Parse body is exactly the one that would carry `name`, `sql` and
+/// `param_types` (a cheap check before decoding it).
+pub fn is_parse_of(body: &[u8], name: &str, sql: &str, param_types: &[u32]) -> bool {
+    let mut at = 0;
+    let mut part = |want: &[u8]| {
+        let ok = body.get(at..at + want.len()) == Some(want);
+        at += want.len();
+        ok
+    };
+    part(name.as_bytes())
+        && part(&[0])
+        && part(sql.as_bytes())
+        && part(&[0])
+        && u16::try_from(param_types.len()).is_ok_and(|n| part(&n.to_be_bytes()))
+        && param_types.iter().all(|t| part(&t.to_be_bytes()))
+        && at == body.len()
+}
+
 pub fn parse_parse(body: &[u8]) -> Result<Parse<'_>, MalformedMessage> {
     let mut r = Reader::new(body, "Parse");
     let name = r.cstr()?;
@@ -435,5 +453,33 @@ mod tests {
                 param_types: vec![20]
             }
         );
+    }
+
+    fn body(name: &str, sql: &str, types: &[u32]) -> BytesMut {
+        let mut b = BytesMut::new();
+        parse(&mut b, name, sql, types);
+        b.split_off(5)
+    }
+
+    #[test]
+    fn only_the_identical_parse_matches() {
+        let sql = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+        let b = body("", sql, &[20]);
+        assert!(is_parse_of(&b, "", sql, &[20]));
+        assert_eq!(parse_parse(&b).map(|p| p.sql), Ok(sql));
+        assert!(!is_parse_of(&b, "", sql, &[]), "types differ");
+        assert!(!is_parse_of(&b, "", sql, &[23]), "type differs");
+        assert!(
+            !is_parse_of(&b, "", &sql[..sql.len() - 1], &[20]),
+            "text differs"
+        );
+        assert!(!is_parse_of(&b, "s1", sql, &[20]), "name differs");
+        assert!(!is_parse_of(&b[..b.len() - 1], "", sql, &[20]), "truncated");
+        let mut longer = b.clone();
+        longer.extend_from_slice(&[0]);
+        assert!(!is_parse_of(&longer, "", sql, &[20]), "trailing bytes");
+        let none = body("", "SELECT 1", &[]);
+        assert!(is_parse_of(&none, "", "SELECT 1", &[]));
+        assert!(!is_parse_of(&none, "", "SELECT 2", &[]));
     }
 }
