@@ -114,7 +114,7 @@ fn route(path: &std::path::Path, sql: &str, params: &[String]) -> ExitCode {
     let mut status = ExitCode::SUCCESS;
     for stmt in &plan.statements {
         if plan.statements.len() > 1 {
-            println!("{}", stmt.text.trim());
+            println!("{}", stmt.text(sql));
         }
         match stmt.route(&topology, &bound) {
             Ok(r) => {

@@ -477,7 +477,7 @@ impl Session {
         }
         let single = plan.statements.len() == 1;
         for stmt in &plan.statements {
-            let text = if single { sql } else { stmt.text.as_str() };
+            let text = if single { sql } else { stmt.text(sql) };
             if !self.execute(stmt, text).await? {
                 break;
             }
@@ -495,7 +495,7 @@ impl Session {
         stmt: &StatementPlan,
         text: &str,
     ) -> Result<bool, SessionError> {
-        if self.in_failed_block() && !ends_failed_block(stmt) {
+        if self.in_failed_block() && !ends_failed_block(stmt, text) {
             Self::aborted_error().encode(&mut self.client.wbuf);
             return Ok(false);
         }
@@ -938,11 +938,10 @@ pub fn invalid_utf8() -> PgError {
 }
 
 /// Statements allowed in a failed transaction block.
-pub(super) fn ends_failed_block(stmt: &StatementPlan) -> bool {
+pub(super) fn ends_failed_block(stmt: &StatementPlan, text: &str) -> bool {
     match stmt.kind {
         StatementKind::Commit | StatementKind::Rollback => true,
-        StatementKind::Savepoint => stmt
-            .text
+        StatementKind::Savepoint => text
             .trim_start()
             .to_ascii_lowercase()
             .starts_with("rollback"),

@@ -105,8 +105,9 @@ pub struct QueryPlan {
 /// One analysed statement of a query string.
 #[derive(Debug, Clone)]
 pub struct StatementPlan {
-    /// This statement's own text (for sending statements one by one).
-    pub text: String,
+    /// Where this statement's own text lies in the query string (see `text`).
+    start: usize,
+    end: usize,
     pub kind: StatementKind,
     /// The parameter-independent analysis (shared between texts that differ only in
     /// literal values).
@@ -190,6 +191,12 @@ pub enum MergePlan {
 }
 
 impl StatementPlan {
+    /// This statement's own text within `sql`, the query string it was planned from
+    /// (trimmed, without its semicolon): for sending statements one by one.
+    pub fn text<'a>(&self, sql: &'a str) -> &'a str {
+        statement_text(sql, self.start, self.end)
+    }
+
     /// Whether the statement writes: INSERT/UPDATE/DELETE/MERGE, DDL, SELECT … FOR
     /// UPDATE/SHARE, data-modifying CTEs, COPY FROM, DO/CALL.
     pub fn is_write(&self) -> bool {
@@ -232,9 +239,7 @@ impl Router {
     /// A syntax error is a `RouteError` with SQLSTATE 42601 and the 1-based position.
     pub fn plan(&self, sql: &str) -> Result<Arc<QueryPlan>, RouteError> {
         let version = self.topology.version;
-        if let Some(p) = self.with_cache(version, |c| c.exact.get(sql).cloned()) {
-            return Ok(p);
-        }
+        let exact = || self.with_cache(version, |c| c.exact.get(sql).cloned());
         // The normalized text and literal spans, in per-thread buffers: a hit on a shape
         // then allocates only the plan itself.
         thread_local! {
@@ -242,14 +247,15 @@ impl Router {
         }
         let looked = SCRATCH.with(|scratch| {
             let (key, spans) = &mut *scratch.borrow_mut();
-            if !lexer::normalize_into(sql, key, spans) {
-                return Err(None);
+            // A text with literals is found by its shape; the exact-text cache holds
+            // the rest: texts without literals, texts the lexer leaves to the parser,
+            // and texts whose plan depends on their literal values.
+            if !lexer::normalize_into(sql, key, spans) || spans.is_empty() {
+                return exact().ok_or(None);
             }
             match self.with_cache(version, |c| c.shapes.get(key.as_str()).cloned()) {
-                // Not added to the exact-text cache: texts that differ only in literals
-                // (every pgbench query) would churn it; this path is cheap already.
                 Some(shared) => Ok(Arc::new(instantiate(&shared, sql, spans))),
-                None => Err(Some((key.clone(), spans.clone()))),
+                None => exact().ok_or_else(|| Some((key.clone(), spans.clone()))),
             }
         });
         let norm = match looked {
@@ -288,11 +294,11 @@ impl Router {
             lits: spans.to_vec(),
         };
         let plan = Arc::new(instantiate(&shared, sql, spans));
-        self.with_cache(version, |c| {
-            insert_bounded(&mut c.exact, sql, &plan);
-            if let (true, Some((key, _))) = (shareable, &norm) {
-                insert_bounded(&mut c.shapes, key, &Arc::new(shared));
-            }
+        self.with_cache(version, |c| match (shareable, &norm) {
+            // Not in the exact-text cache as well: texts that differ only in literals
+            // (every pgbench query) would churn it.
+            (true, Some((key, _))) => insert_bounded(&mut c.shapes, key, &Arc::new(shared)),
+            _ => insert_bounded(&mut c.exact, sql, &plan),
         });
         Ok(plan)
     }
@@ -304,7 +310,7 @@ impl Router {
         Ok(plan
             .statements
             .iter()
-            .map(|s| (s.text.clone(), s.route(&self.topology, &[])))
+            .map(|s| (s.text(sql).to_owned(), s.route(&self.topology, &[])))
             .collect())
     }
 
@@ -362,15 +368,13 @@ fn instantiate(shared: &SharedPlan, sql: &str, new_spans: &[LitSpan]) -> QueryPl
     let statements = shared
         .statements
         .iter()
-        .map(|s| {
-            let text = statement_text(sql, shift(s.start), shift(s.end));
-            StatementPlan {
-                session_effects: s.session_effects || strings_have_effects,
-                text: text.to_owned(),
-                kind: s.kind.clone(),
-                shape: Arc::clone(&s.shape),
-                lits: Arc::clone(&lits),
-            }
+        .map(|s| StatementPlan {
+            session_effects: s.session_effects || strings_have_effects,
+            start: shift(s.start),
+            end: shift(s.end),
+            kind: s.kind.clone(),
+            shape: Arc::clone(&s.shape),
+            lits: Arc::clone(&lits),
         })
         .collect();
     QueryPlan { statements }

@@ -566,10 +566,9 @@ fn statement_kinds() {
 #[test]
 fn statement_texts_and_writes() {
     let r = router();
-    let p = r
-        .plan("BEGIN; INSERT INTO users (user_id) VALUES (1);  SELECT * FROM users WHERE user_id = 1 ; COMMIT")
-        .expect("plan");
-    let texts: Vec<&str> = p.statements.iter().map(|s| s.text.as_str()).collect();
+    let sql = "BEGIN; INSERT INTO users (user_id) VALUES (1);  SELECT * FROM users WHERE user_id = 1 ; COMMIT";
+    let p = r.plan(sql).expect("plan");
+    let texts: Vec<&str> = p.statements.iter().map(|s| s.text(sql)).collect();
     assert_eq!(
         texts,
         vec![
@@ -615,13 +614,22 @@ fn syntax_error_has_position() {
 fn cache_hits_share_plans_and_literals_stay_per_call() {
     let r = router();
     let topo = r.topology().clone();
+    // A text without literals: the exact-text cache returns the very same plan.
     let a = r
-        .plan("SELECT * FROM users WHERE user_id = 5")
+        .plan("SELECT * FROM users WHERE user_id = $1")
         .expect("plan");
     let b = r
-        .plan("SELECT * FROM users WHERE user_id = 5")
+        .plan("SELECT * FROM users WHERE user_id = $1")
         .expect("plan");
     assert!(Arc::ptr_eq(&a, &b), "exact hit must return the same plan");
+    // With literals, the text is found by its shape (even when repeated exactly).
+    let c = r
+        .plan("SELECT * FROM users WHERE user_id = 5")
+        .expect("plan");
+    let d = r
+        .plan("SELECT * FROM users WHERE user_id = 5")
+        .expect("plan");
+    assert!(Arc::ptr_eq(&c.statements[0].shape, &d.statements[0].shape));
 
     // Through the normalized cache: same analysis, different values (a range
     // distribution, so the two keys are known to be on different shards).
@@ -655,14 +663,13 @@ fn cache_hits_share_plans_and_literals_stay_per_call() {
     let p1 = r
         .plan("SELECT 1; SELECT * FROM users WHERE user_id = 5; SELECT 'a'")
         .expect("plan");
-    let p2 = r
-        .plan("SELECT 100; SELECT * FROM users WHERE user_id = 12345; SELECT 'abc'")
-        .expect("plan");
+    let sql2 = "SELECT 100; SELECT * FROM users WHERE user_id = 12345; SELECT 'abc'";
+    let p2 = r.plan(sql2).expect("plan");
     assert!(Arc::ptr_eq(
         &p1.statements[1].shape,
         &p2.statements[1].shape
     ));
-    let texts: Vec<&str> = p2.statements.iter().map(|s| s.text.as_str()).collect();
+    let texts: Vec<&str> = p2.statements.iter().map(|s| s.text(sql2)).collect();
     assert_eq!(
         texts,
         vec![
