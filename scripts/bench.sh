@@ -626,9 +626,10 @@ main() {
         for t in direct pgbouncer shardwire shardwire-4; do
             say "  $t: port ${TARGET_PORT[$t]}${TARGET_PID[$t]:+, pid ${TARGET_PID[$t]}}"
         done
-        # In the background and waited for, so a signal to this script ends it at once.
+        # In the background and waited for, so a signal to this script ends it at once;
+        # without the lock's descriptor, so a sleep left behind does not hold the lock.
         while true; do
-            sleep 3600 &
+            sleep 3600 8>&- &
             wait $! || true
         done
     fi

@@ -314,7 +314,7 @@ impl ServerConn {
         }
         self.in_flight = true;
         let result = if self.wbuf.len() <= 64 * 1024 {
-            self.stream.write_all(&self.wbuf).await
+            write_out(&mut self.stream, &self.wbuf).await
         } else {
             self.write_reading().await
         };
@@ -418,5 +418,19 @@ pub async fn cancel(addr: SocketAddr, pid: i32, secret: i32) -> std::io::Result<
     // The server closes the socket when done; wait for that so the cancel is delivered.
     let mut sink = [0u8; 1];
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut sink)).await;
+    Ok(())
+}
+
+/// Write all of `b`: straight away if the socket takes it (the usual case: an answer
+/// is small and the socket buffer empty), else waiting for room.
+pub(crate) async fn write_out(stream: &mut TcpStream, b: &[u8]) -> std::io::Result<()> {
+    let sent = match stream.try_write(b) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    if sent < b.len() {
+        stream.write_all(&b[sent..]).await?;
+    }
     Ok(())
 }

@@ -58,14 +58,14 @@ impl ClientConn {
         self.rbuf.len()
     }
 
-    /// Read whatever the client sent next into the buffer. Cancel-safe. Waits for the
-    /// socket to be readable before growing the buffer, so a client that sits idle
-    /// holds no read buffer.
+    /// Read whatever the client sent next into the buffer. Cancel-safe. Without room
+    /// in the buffer, waits for the socket to be readable before growing it, so a
+    /// client that sits idle holds no more read buffer than it already had.
     pub async fn fill(&mut self) -> Result<(), ClientError> {
         // poll_read_ready rather than `readable()`: it keeps the waker in the socket's
         // own reader slot instead of a mutex-guarded waiter list (one task owns it).
-        std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)).await?;
         if self.rbuf.capacity() - self.rbuf.len() < 512 {
+            std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)).await?;
             // Small to start with (most messages are); a large message makes the frame
             // decoder reserve what it needs.
             self.rbuf.reserve(1024);
@@ -132,7 +132,7 @@ impl ClientConn {
     pub async fn flush(&mut self) -> Result<(), ClientError> {
         self.flush_soon = false;
         if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
+            crate::backend::conn::write_out(&mut self.stream, &self.wbuf).await?;
             self.wbuf.clear();
         }
         Ok(())
