@@ -1038,3 +1038,50 @@ async fn multi_row_insert_is_split_or_refused() {
     clean_users(&direct, lo, hi).await;
     r.stop().await;
 }
+
+/// A Bind with more parameters than the router keeps on its stack, the key last, in
+/// binary among text parameters: routed by the right one.
+#[tokio::test]
+async fn key_among_many_bind_parameters() {
+    common::ensure_schema().await;
+    let topo = common::topology();
+    let direct = shards().await;
+    let (lo, hi) = (7_002_000i64, 7_002_039i64);
+    clean_users(&direct, lo, hi).await;
+    let r = common::router().await;
+    let c = common::connect(&r).await;
+    // Eleven parameters; the key is the eleventh.
+    let ins = c
+        .prepare(
+            "INSERT INTO users (name, email, user_id) VALUES ($1 || $2 || $3 || $4 || $5, \
+             $6 || $7 || $8 || $9 || $10, $11)",
+        )
+        .await
+        .expect("prepare");
+    for id in lo..=hi {
+        let parts: Vec<String> = (0..10).map(|i| format!("{i}")).collect();
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            parts.iter().map(|p| p as _).collect();
+        params.push(&id);
+        let n = c.execute(&ins, &params).await.expect("insert");
+        assert_eq!(n, 1);
+    }
+    for id in lo..=hi {
+        let want = common::shard_for(&topo, "users", id);
+        for (s, dc) in direct.iter().enumerate() {
+            let rows = dc
+                .query("SELECT name, email FROM users WHERE user_id = $1", &[&id])
+                .await
+                .expect("read shard");
+            if s == want {
+                assert_eq!(rows.len(), 1, "user {id} on shard {s}");
+                assert_eq!(rows[0].get::<_, String>(0), "01234");
+                assert_eq!(rows[0].get::<_, String>(1), "56789");
+            } else {
+                assert!(rows.is_empty(), "user {id} also on shard {s}");
+            }
+        }
+    }
+    clean_users(&direct, lo, hi).await;
+    r.stop().await;
+}

@@ -361,17 +361,24 @@ impl Session {
             None => Target::Shard(self.describe_shard()),
             Some(sp) => {
                 self.dirty |= sp.session_effects;
-                let params: Vec<Param<'_>> = b
-                    .params
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| Param {
-                        value: *v,
-                        binary: b.is_binary(i),
-                        type_oid: stmt.param_types.get(i).copied().unwrap_or(0),
-                    })
-                    .collect();
-                let routed = match sp.route_quiet(topology, &params) {
+                let param = |(i, value)| Param {
+                    value,
+                    binary: b.is_binary(i),
+                    type_oid: stmt.param_types.get(i).copied().unwrap_or(0),
+                };
+                // The parameters on the stack when they are few (they usually are).
+                let mut inline = [Param::NULL; 8];
+                let spilled: Vec<Param<'_>>;
+                let params: &[Param<'_>] = if b.param_count <= inline.len() {
+                    for (slot, p) in inline.iter_mut().zip(b.params().enumerate().map(param)) {
+                        *slot = p;
+                    }
+                    &inline[..b.param_count]
+                } else {
+                    spilled = b.params().enumerate().map(param).collect();
+                    &spilled
+                };
+                let routed = match sp.route_quiet(topology, params) {
                     Ok(r) => r,
                     Err(e) => {
                         self.ext_error(route_error(&e));
@@ -380,10 +387,10 @@ impl Session {
                 };
                 tracing::debug!(route = ?routed.route, "routed");
                 let shards = match &routed.route {
-                    Route::Shard(s) => vec![*s],
-                    Route::Multi { shards, .. } => shards.clone(),
+                    Route::Shard(s) => std::slice::from_ref(s),
+                    Route::Multi { shards, .. } => shards.as_slice(),
                 };
-                if let Err(e) = self.check_write(sp, &shards) {
+                if let Err(e) = self.check_write(sp, shards) {
                     self.ext_error(e);
                     return Ok(());
                 }

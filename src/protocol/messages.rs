@@ -140,27 +140,49 @@ pub fn parse_parse(body: &[u8]) -> Result<Parse<'_>, MalformedMessage> {
     })
 }
 
-/// `B`: Bind. Parameter values are borrowed from the body.
+/// `B`: Bind, read in place: nothing is copied or collected (checked once when parsed,
+/// the sections are walked again on demand).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bind<'a> {
     pub portal: &'a str,
     pub statement: &'a str,
-    /// Format codes as sent: none (all text), one for all, or one per parameter.
-    formats: Vec<i16>,
-    pub params: Vec<Option<&'a [u8]>>,
+    /// Format codes as sent (2 bytes each): none (all text), one for all, or one per
+    /// parameter.
+    formats: &'a [u8],
+    /// The parameter values as sent: each a 4-byte length (-1: NULL) and its bytes.
+    values: &'a [u8],
+    /// How many parameters.
+    pub param_count: usize,
     /// Offset in the body where the parameter-format count starts: everything after the
     /// two names, so the message can be re-sent under another statement name.
     pub rest_offset: usize,
 }
 
-impl Bind<'_> {
+impl<'a> Bind<'a> {
     /// Whether parameter `i` (0-based) is sent in binary format.
     pub fn is_binary(&self, i: usize) -> bool {
-        match self.formats.as_slice() {
-            [] => false,
-            [one] => *one == 1,
-            all => all.get(i) == Some(&1),
+        let code = |k: usize| self.formats.get(2 * k..2 * k + 2) == Some(&[0, 1][..]);
+        match self.formats.len() / 2 {
+            0 => false,
+            1 => code(0),
+            _ => code(i),
         }
+    }
+
+    /// The parameter values in order (`None` is NULL).
+    pub fn params(&self) -> impl Iterator<Item = Option<&'a [u8]>> + 'a {
+        let mut rest = self.values;
+        (0..self.param_count).map(move |_| {
+            let (len, tail) = rest.split_at_checked(4)?;
+            let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+            let Ok(len) = usize::try_from(len) else {
+                rest = tail;
+                return None;
+            };
+            let (value, tail) = tail.split_at_checked(len)?;
+            rest = tail;
+            Some(value)
+        })
     }
 }
 
@@ -170,21 +192,20 @@ pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, MalformedMessage> {
     let statement = r.cstr()?;
     let rest_offset = r.pos;
     let nf = r.count()?;
-    let mut formats = Vec::with_capacity(nf);
-    for _ in 0..nf {
-        formats.push(r.i16()?);
+    let formats = r.take(2 * nf)?;
+    if formats.chunks_exact(2).any(|f| f != [0, 0] && f != [0, 1]) {
+        return Err(r.err("unsupported format code"));
     }
     let np = r.count()?;
-    let mut params = Vec::with_capacity(np);
+    let values_at = r.pos;
     for _ in 0..np {
         let len = r.i32()?;
-        if len == -1 {
-            params.push(None);
-        } else {
+        if len != -1 {
             let len = usize::try_from(len).map_err(|_| r.err("negative parameter length"))?;
-            params.push(Some(r.take(len)?));
+            r.take(len)?;
         }
     }
+    let values = &body[values_at..r.pos];
     let nr = r.count()?;
     for _ in 0..nr {
         r.i16()?;
@@ -193,14 +214,12 @@ pub fn parse_bind(body: &[u8]) -> Result<Bind<'_>, MalformedMessage> {
     if nf > 1 && nf != np {
         return Err(r.err("parameter format count does not match parameter count"));
     }
-    if formats.iter().any(|f| *f != 0 && *f != 1) {
-        return Err(r.err("unsupported format code"));
-    }
     Ok(Bind {
         portal,
         statement,
         formats,
-        params,
+        values,
+        param_count: np,
         rest_offset,
     })
 }
@@ -396,12 +415,13 @@ mod tests {
         assert_eq!(bind.portal, "p1");
         assert_eq!(bind.statement, "s1");
         assert!(bind.is_binary(0) && bind.is_binary(1));
-        assert_eq!(bind.params, vec![Some(&[0u8, 0, 0, 5][..]), None]);
+        let params: Vec<_> = bind.params().collect();
+        assert_eq!(params, vec![Some(&[0u8, 0, 0, 5][..]), None]);
         let mut out = BytesMut::new();
         rebind(&mut out, "p1", "sw_1", &body[bind.rest_offset..]);
         let reparsed = parse_bind(&out[5..]).expect("valid");
         assert_eq!(reparsed.statement, "sw_1");
-        assert_eq!(reparsed.params, bind.params);
+        assert!(reparsed.params().eq(bind.params()));
     }
 
     #[test]

@@ -158,6 +158,15 @@ pub struct Param<'a> {
     pub type_oid: u32,
 }
 
+impl Param<'_> {
+    /// A NULL of unspecified type.
+    pub const NULL: Param<'static> = Param {
+        value: None,
+        binary: false,
+        type_oid: 0,
+    };
+}
+
 /// A routing decision with its explanation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routed {
