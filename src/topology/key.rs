@@ -89,7 +89,8 @@ impl KeyValue {
     pub fn from_text(s: &str, ty: KeyType) -> Option<KeyValue> {
         match ty {
             KeyType::Bigint | KeyType::Int => {
-                let t = s.trim();
+                // PostgreSQL's int8in skips ASCII white space (isspace) around the digits.
+                let t = s.trim_ascii();
                 let t = t.strip_prefix('+').unwrap_or(t);
                 let v = t.parse::<i64>().ok()?;
                 let v = KeyValue::Int(v);
