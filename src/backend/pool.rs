@@ -9,11 +9,16 @@
 //! returns or drops a connection, either that connection or the right to open a new
 //! one, so a newcomer never takes a connection ahead of a client already waiting. The
 //! client that opens a connection learns at once why connecting failed (wrong password,
-//! shard down), and the slot passes to the next waiter, which tries for itself.
+//! shard down), and the slot passes to the next waiter, which tries for itself; a
+//! waiter that runs out of time is told the last connect failure, if there was one
+//! while it waited.
+//!
+//! Connections are closed after 4–5 idle minutes, and after about 30 minutes of life
+//! (as bb8 did), so a backend's caches and memory are renewed now and then.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -39,14 +44,27 @@ impl Default for PoolSettings {
 }
 
 /// Idle connections are closed after `IDLE_TICKS` to `IDLE_TICKS + 1` ticks of the
-/// reaper: four to five minutes.
+/// reaper (four to five minutes), any connection once it has lived `LIFE_TICKS` ticks.
 const REAP_TICK: Duration = Duration::from_secs(60);
 const IDLE_TICKS: u64 = 4;
+const LIFE_TICKS: u64 = 30;
+
+/// A pooled connection and the reaper tick it was opened in.
+struct Pooled {
+    conn: Box<ServerConn>,
+    born: u64,
+}
+
+/// An idle connection and the tick it came back in.
+struct Idle {
+    pooled: Pooled,
+    returned: u64,
+}
 
 /// What a queued checkout is handed.
 enum Grant {
     /// A connection someone returned.
-    Conn(Box<ServerConn>),
+    Conn(Pooled),
     /// A slot to open a new connection in (one was dropped); already counted in `open`.
     Open,
 }
@@ -57,9 +75,8 @@ struct Waiter {
 }
 
 struct State {
-    /// Idle connections, the one returned last at the end, each with the reaper tick
-    /// it came back in.
-    idle: Vec<(Box<ServerConn>, u64)>,
+    /// Idle connections, the one returned last at the end.
+    idle: Vec<Idle>,
     /// Connections that exist or are being opened: idle, checked out, connecting.
     open: u32,
     /// Checkouts waiting, in arrival order.
@@ -67,6 +84,8 @@ struct State {
     next_waiter: u64,
     /// The reaper's tick count.
     tick: u64,
+    /// The last failed connect attempt, for waiters that time out.
+    last_failure: Option<(Instant, BackendError)>,
 }
 
 struct ShardPool {
@@ -82,31 +101,94 @@ struct ShardPool {
 /// when this is dropped, straight to the first client waiting if there is one.
 pub struct Checkout {
     /// `Some` until dropped.
-    conn: Option<Box<ServerConn>>,
+    pooled: Option<Pooled>,
     pool: Arc<ShardPool>,
 }
 
 impl std::ops::Deref for Checkout {
     type Target = ServerConn;
     fn deref(&self) -> &ServerConn {
-        self.conn
-            .as_deref()
+        &self
+            .pooled
+            .as_ref()
             .expect("a checkout holds its connection until dropped")
+            .conn
     }
 }
 
 impl std::ops::DerefMut for Checkout {
     fn deref_mut(&mut self) -> &mut ServerConn {
-        self.conn
-            .as_deref_mut()
+        &mut self
+            .pooled
+            .as_mut()
             .expect("a checkout holds its connection until dropped")
+            .conn
     }
 }
 
 impl Drop for Checkout {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.pool.put_back(conn);
+        if let Some(p) = self.pooled.take() {
+            self.pool.put_back(p);
+        }
+    }
+}
+
+impl Checkout {
+    /// Replace this connection (the server closed it) by a new one in the same slot,
+    /// so the client keeps its turn.
+    async fn reopen(mut self) -> Result<Checkout, BackendError> {
+        let pool = Arc::clone(&self.pool);
+        // Closed without going back: the slot stays counted, now held by `Slot`.
+        drop(self.pooled.take());
+        drop(self);
+        let timeout = pool.connect_timeout.min(pool.checkout_timeout);
+        Slot::new(pool).open(timeout).await
+    }
+}
+
+/// A slot counted in `open` that holds no connection yet. Dropped without having
+/// opened one, it gives the slot back (to the next waiter, if any).
+struct Slot {
+    pool: Arc<ShardPool>,
+    armed: bool,
+}
+
+impl Slot {
+    fn new(pool: Arc<ShardPool>) -> Slot {
+        Slot { pool, armed: true }
+    }
+
+    /// Open a connection in this slot, within `timeout`.
+    async fn open(mut self, timeout: Duration) -> Result<Checkout, BackendError> {
+        let pool = Arc::clone(&self.pool);
+        match ServerConn::connect(pool.id, &pool.shard, timeout).await {
+            Ok(c) => {
+                self.armed = false;
+                let born = pool.lock().tick;
+                Ok(Checkout {
+                    pooled: Some(Pooled {
+                        conn: Box::new(c),
+                        born,
+                    }),
+                    pool,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(shard = %pool.shard.name, error = %e, "connect failed");
+                pool.lock().last_failure = Some((Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut st = self.pool.lock();
+            st.open = st.open.saturating_sub(1);
+            self.pool.hand_on_slots(&mut st);
         }
     }
 }
@@ -118,25 +200,25 @@ impl ShardPool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn checkout(self: &Arc<Self>, conn: Box<ServerConn>) -> Checkout {
+    fn checkout(self: &Arc<Self>, pooled: Pooled) -> Checkout {
         Checkout {
-            conn: Some(conn),
+            pooled: Some(pooled),
             pool: Arc::clone(self),
         }
     }
 
     /// A connection comes back: to the first waiter, else to the idle stack. An
-    /// unusable one is closed and its slot handed on.
-    fn put_back(&self, conn: Box<ServerConn>) {
-        if !conn.reusable() {
-            drop(conn);
-            let mut st = self.lock();
+    /// unusable or old one is closed and its slot handed on.
+    fn put_back(&self, pooled: Pooled) {
+        let mut st = self.lock();
+        if !pooled.conn.reusable() || st.tick.saturating_sub(pooled.born) >= LIFE_TICKS {
             st.open = st.open.saturating_sub(1);
             self.hand_on_slots(&mut st);
+            drop(st);
+            drop(pooled);
             return;
         }
-        let mut st = self.lock();
-        let mut grant = Grant::Conn(conn);
+        let mut grant = Grant::Conn(pooled);
         while let Some(w) = st.waiters.pop_front() {
             match w.tx.send(grant) {
                 Ok(()) => return,
@@ -144,9 +226,9 @@ impl ShardPool {
                 Err(back) => grant = back,
             }
         }
-        if let Grant::Conn(conn) = grant {
-            let tick = st.tick;
-            st.idle.push((conn, tick));
+        if let Grant::Conn(pooled) = grant {
+            let returned = st.tick;
+            st.idle.push(Idle { pooled, returned });
         }
     }
 
@@ -163,40 +245,13 @@ impl ShardPool {
         }
     }
 
-    /// Open a connection in a slot already counted in `open`; the slot is given back
-    /// (and handed on) if connecting fails or this future is dropped.
-    async fn open_new(self: Arc<Self>) -> Result<Checkout, BackendError> {
-        struct Slot<'p>(Option<&'p ShardPool>);
-        impl Drop for Slot<'_> {
-            fn drop(&mut self) {
-                if let Some(p) = self.0 {
-                    let mut st = p.lock();
-                    st.open = st.open.saturating_sub(1);
-                    p.hand_on_slots(&mut st);
-                }
-            }
-        }
-        let mut slot = Slot(Some(&self));
-        let timeout = self.connect_timeout.min(self.checkout_timeout);
-        match ServerConn::connect(self.id, &self.shard, timeout).await {
-            Ok(c) => {
-                slot.0 = None;
-                drop(slot);
-                Ok(self.checkout(Box::new(c)))
-            }
-            Err(e) => {
-                tracing::warn!(shard = %self.shard.name, error = %e, "connect failed");
-                Err(e)
-            }
-        }
-    }
-
     /// Wait in line (up to the checkout timeout) for a connection or a slot.
     async fn wait(
         self: Arc<Self>,
         id: u64,
         rx: oneshot::Receiver<Grant>,
     ) -> Result<Checkout, BackendError> {
+        let started = Instant::now();
         let mut queued = Queued {
             pool: &self,
             id,
@@ -217,31 +272,53 @@ impl ShardPool {
         queued.done = true;
         drop(queued);
         match grant {
-            Some(Grant::Conn(c)) => Ok(self.checkout(c)),
-            Some(Grant::Open) => Arc::clone(&self).open_new().await,
-            None => Err(BackendError::CheckoutTimeout {
-                shard: self.shard.name.clone(),
-                waited_ms: self.checkout_timeout.as_millis() as u64,
-            }),
+            Some(Grant::Conn(p)) => Ok(self.checkout(p)),
+            Some(Grant::Open) => {
+                let slot = Slot::new(Arc::clone(&self));
+                // Connect within what is left of the checkout timeout (a slot handed
+                // over at the last moment still gets a short try).
+                let left = self.checkout_timeout.saturating_sub(started.elapsed());
+                let timeout = self
+                    .connect_timeout
+                    .min(left.max(Duration::from_millis(100)));
+                slot.open(timeout).await
+            }
+            None => {
+                // Out of time: if connecting failed meanwhile, that is the reason.
+                let failed = self.lock().last_failure.clone();
+                Err(match failed {
+                    Some((at, e)) if at >= started => e,
+                    _ => BackendError::CheckoutTimeout {
+                        shard: self.shard.name.clone(),
+                        waited_ms: self.checkout_timeout.as_millis() as u64,
+                    },
+                })
+            }
         }
     }
 
-    /// Close connections idle for `IDLE_TICKS` ticks, then start a new tick.
+    /// Close connections idle for `IDLE_TICKS` ticks or alive for `LIFE_TICKS`, then
+    /// start a new tick.
     fn reap(&self) {
         let old = {
             let mut st = self.lock();
             st.tick += 1;
-            let cutoff = st.tick.saturating_sub(IDLE_TICKS);
-            // Oldest first: the stale ones are a prefix.
-            let n = st.idle.iter().take_while(|(_, t)| *t < cutoff).count();
-            let old: Vec<_> = st.idle.drain(..n).collect();
-            st.open = st.open.saturating_sub(n as u32);
+            let tick = st.tick;
+            let expired = |i: &Idle| {
+                tick.saturating_sub(i.returned) > IDLE_TICKS
+                    || tick.saturating_sub(i.pooled.born) >= LIFE_TICKS
+            };
+            if !st.idle.iter().any(expired) {
+                return;
+            }
+            let (old, keep): (Vec<Idle>, Vec<Idle>) =
+                std::mem::take(&mut st.idle).into_iter().partition(expired);
+            st.idle = keep;
+            st.open = st.open.saturating_sub(old.len() as u32);
             self.hand_on_slots(&mut st);
             old
         };
-        if !old.is_empty() {
-            tracing::debug!(shard = %self.shard.name, closed = old.len(), "closing idle connections");
-        }
+        tracing::debug!(shard = %self.shard.name, closed = old.len(), "closing old or idle connections");
     }
 }
 
@@ -275,7 +352,7 @@ impl Drop for Queued<'_> {
             return;
         }
         match self.leave() {
-            Some(Grant::Conn(c)) => self.pool.put_back(c),
+            Some(Grant::Conn(p)) => self.pool.put_back(p),
             Some(Grant::Open) => {
                 let mut st = self.pool.lock();
                 st.open = st.open.saturating_sub(1);
@@ -311,6 +388,7 @@ impl Pools {
                         waiters: VecDeque::new(),
                         next_waiter: 0,
                         tick: 0,
+                        last_failure: None,
                     }),
                 })
             })
@@ -331,28 +409,19 @@ impl Pools {
     }
 
     /// Check out a connection to `shard`, failing fast with the real reason if
-    /// connecting to it fails. Idle connections the server closed meanwhile (a restart)
-    /// are dropped and replaced, up to the pool size.
+    /// connecting to it fails. An idle connection the server closed meanwhile (a
+    /// restart) is replaced by a new one in its slot.
     pub async fn checkout(&self, shard: ShardId) -> Result<Checkout, BackendError> {
         let mut c = self.checkout_once(shard).await?;
-        if !c.is_stale() {
-            return Ok(c);
-        }
-        let tries = self
-            .shards
-            .get(shard)
-            .map(|s| s.lock().open + 1)
-            .unwrap_or(1);
-        for _ in 0..tries {
-            tracing::debug!(shard, "dropping a pooled connection the server closed");
-            drop(c);
-            c = self.checkout_once(shard).await?;
+        // Bounded: a fresh connection is stale only if the server closes it at once.
+        for _ in 0..3 {
             if !c.is_stale() {
-                return Ok(c);
+                break;
             }
+            tracing::debug!(shard, "replacing a pooled connection the server closed");
+            c = Box::pin(c.reopen()).await?;
         }
-        drop(c);
-        self.checkout_once(shard).await
+        Ok(c)
     }
 
     async fn checkout_once(&self, shard: ShardId) -> Result<Checkout, BackendError> {
@@ -366,9 +435,9 @@ impl Pools {
         let wait = {
             let mut st = sp.lock();
             if st.waiters.is_empty() {
-                if let Some((c, _)) = st.idle.pop() {
+                if let Some(i) = st.idle.pop() {
                     drop(st);
-                    return Ok(sp.checkout(c));
+                    return Ok(sp.checkout(i.pooled));
                 }
             }
             if st.waiters.is_empty() && st.open < sp.size {
@@ -385,7 +454,10 @@ impl Pools {
         // The slow paths are boxed: their futures stay out of every session's request
         // future.
         match wait {
-            None => Box::pin(Arc::clone(sp).open_new()).await,
+            None => {
+                let timeout = sp.connect_timeout.min(sp.checkout_timeout);
+                Box::pin(Slot::new(Arc::clone(sp)).open(timeout)).await
+            }
             Some((id, rx)) => Box::pin(Arc::clone(sp).wait(id, rx)).await,
         }
     }
