@@ -16,8 +16,9 @@
 # and full_page_writes off), loads pgbench data, starts PgBouncer (Debian's, transaction
 # pooling, pool size = shardwire's pool.size) on 16432, shardwire with
 # scripts/bench/one-shard.yaml on 16433 and with scripts/bench/four-shard.yaml on 16434,
-# then runs interleaved rounds (the order of the targets rotates every round; each timed
-# run follows one unrecorded second of the same run) of:
+# then runs interleaved rounds (PgBouncer and shardwire, and shardwire on one and on four
+# shards, always run back to back, and the order flips every round; each timed run
+# follows one unrecorded second of the same run) of:
 #   -S (select-only) with -M simple / extended / prepared, 16 clients, 2 threads
 #   a point read (scripts/bench/point-read.sql) at 1 client
 #   the TPC-B-like default at 8 clients (not through 4 shards: see four-shard.yaml)
@@ -364,15 +365,20 @@ run_one() { # workload target round -- pgbench options
         "$([[ "$rc" == 0 ]] || echo "  (exit $rc: $(grep -m1 -iE 'error|abort' "$dir/err" "$dir/out" 2>/dev/null | cut -c1-150))")"
 }
 
-# Targets in an order rotated by the round number.
+# The targets in the order given on odd rounds, reversed on even ones: neighbours stay
+# neighbours (their ratio is least disturbed by the shared machine's slow minutes), and
+# each goes first as often as the other.
 rotated() { # round target...
-    local r="$1" n i
+    local r="$1" i
     shift
     local t=("$@")
-    n=${#t[@]}
-    for ((i = 0; i < n; i++)); do
-        printf '%s\n' "${t[$(((i + r) % n))]}"
-    done
+    if ((r % 2)); then
+        printf '%s\n' "${t[@]}"
+    else
+        for ((i = ${#t[@]} - 1; i >= 0; i--)); do
+            printf '%s\n' "${t[$i]}"
+        done
+    fi
 }
 
 run_round() {
@@ -486,10 +492,12 @@ write_report() { # file
         echo "# shardwire benchmarks"
         echo
         echo "Written by \`scripts/bench.sh\` (do not edit by hand; re-run it). One run; every"
-        echo "figure is the median over $ROUNDS interleaved rounds (the order of the targets"
-        echo "rotates every round; each timed run follows one unrecorded second of the same"
-        echo "run), with the min–max of the rounds beside it. The machine is shared and noisy:"
-        echo "compare the ratios, not the absolute numbers."
+        echo "figure is the median over $ROUNDS interleaved rounds, with the min–max of the"
+        echo "rounds beside it. PgBouncer and shardwire, and shardwire on one and on four shards,"
+        echo "always run back to back, and the order flips every round, so the checks also give"
+        echo "the ratio within each round. Each timed run follows one unrecorded second of the"
+        echo "same run. The machine is shared and noisy: compare the ratios, not the absolute"
+        echo "numbers."
         echo
         echo "## Machine"
         echo

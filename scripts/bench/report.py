@@ -228,14 +228,36 @@ def table(runs_dir):
             )
     print("\n".join(lines))
     print()
-    print(checks(aggs))
+    print(checks(aggs, data))
 
 
-def checks(aggs):
-    """Issue 3's 'done when' items that one bench run can decide."""
+def paired(data, wid, a, b, key="tps"):
+    """a/b round by round (the two run next to each other in every round, so a slow
+    minute on the shared machine hits both), as "r1/r2/…, median X×"; None if no round
+    has both."""
+    by_round = {}
+    for t in (a, b):
+        for r in data.get(wid, {}).get(t, []):
+            if r["ok"] and r.get(key) is not None:
+                by_round.setdefault(os.path.basename(r["dir"]), {})[t] = r[key]
+    ratios = [v[a] / v[b] for _, v in sorted(by_round.items()) if a in v and b in v and v[b]]
+    if not ratios:
+        return None
+    return "per round {}, median {:.2f}×".format(
+        "/".join("{:.2f}".format(x) for x in ratios), statistics.median(ratios)
+    )
+
+
+def checks(aggs, data):
+    """Issue 3's 'done when' items that one bench run can decide. Verdicts use the
+    medians (the issue's wording); the round-by-round ratios are shown beside them."""
 
     def g(wid, t, k="tps"):
         return aggs.get(wid, {}).get(t, {}).get(k)
+
+    def also(wid, a, b, key="tps"):
+        p = paired(data, wid, a, b, key)
+        return "; " + p if p else ""
 
     def verdict(ok):
         return "**yes**" if ok else "**no**"
@@ -246,8 +268,8 @@ def checks(aggs):
         if sw is not None or pb is not None:
             ok = sw is not None and pb is not None and sw >= pb
             out.append(
-                "- shardwire 1 shard ≥ 1.00× PgBouncer on {}: {} ({})".format(
-                    name, verdict(ok), ratio(sw, pb)
+                "- shardwire 1 shard ≥ 1.00× PgBouncer on {}: {} ({}{})".format(
+                    name, verdict(ok), ratio(sw, pb), also(wid, "shardwire", "pgbouncer")
                 )
             )
     if "S-prepared" in aggs and "shardwire" in aggs["S-prepared"]:
@@ -270,10 +292,11 @@ def checks(aggs):
     if sw is not None or pb is not None:
         out.append(
             "- shardwire's own CPU per `-S` (simple) transaction ≤ PgBouncer's: {} "
-            "({} µs vs {} µs)".format(
+            "({} µs vs {} µs{})".format(
                 verdict(sw is not None and pb is not None and sw <= pb),
                 f(sw, "{:.1f}"),
                 f(pb, "{:.1f}"),
+                also("S-simple", "shardwire", "pgbouncer", "cpu_us_per_txn"),
             )
         )
     for wid, name in (
@@ -284,10 +307,11 @@ def checks(aggs):
         four, one = g(wid, "shardwire-4"), g(wid, "shardwire")
         if four is not None or one is not None:
             out.append(
-                "- shardwire 4 shards ≥ 0.90× its own 1-shard TPS on {}: {} ({})".format(
+                "- shardwire 4 shards ≥ 0.90× its own 1-shard TPS on {}: {} ({}{})".format(
                     name,
                     verdict(four is not None and one is not None and four >= 0.9 * one),
                     ratio(four, one),
+                    also(wid, "shardwire-4", "shardwire"),
                 )
             )
     return "\n".join(out)
