@@ -240,26 +240,8 @@ impl ServerConn {
     /// without splitting it off the buffer. Cancel-safe.
     pub async fn ready_frame(&mut self) -> Result<usize, BackendError> {
         loop {
-            match frame_len(&self.rbuf, MAX_BACKEND_MESSAGE) {
-                Ok(Some(n)) if self.rbuf.len() >= n => {
-                    if self.rbuf[0] == b'Z' {
-                        self.status = self.rbuf.get(5).copied().unwrap_or(b'I');
-                        self.in_flight = false;
-                    }
-                    return Ok(n);
-                }
-                Ok(Some(n)) => {
-                    let missing = n - self.rbuf.len();
-                    self.rbuf.reserve(missing.min(1 << 20));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    self.broken = true;
-                    return Err(BackendError::Protocol {
-                        shard: self.shard_name.clone(),
-                        reason: e.to_string(),
-                    });
-                }
+            if let Some(n) = self.buffered_frame()? {
+                return Ok(n);
             }
             if self.rbuf.capacity() - self.rbuf.len() < 4096 {
                 self.rbuf.reserve(8192);
@@ -300,9 +282,31 @@ impl ServerConn {
         self.rbuf.advance(n);
     }
 
-    /// Whether a whole frame is already buffered (so reading it will not wait).
-    pub fn has_buffered_frame(&self) -> bool {
-        matches!(crate::protocol::codec::frame_len(&self.rbuf, MAX_BACKEND_MESSAGE), Ok(Some(n)) if self.rbuf.len() >= n)
+    /// The length of the next frame if it is already whole in the buffer (reading it
+    /// will not wait); room is reserved for a partial one.
+    pub fn buffered_frame(&mut self) -> Result<Option<usize>, BackendError> {
+        match frame_len(&self.rbuf, MAX_BACKEND_MESSAGE) {
+            Ok(Some(n)) if self.rbuf.len() >= n => {
+                if self.rbuf[0] == b'Z' {
+                    self.status = self.rbuf.get(5).copied().unwrap_or(b'I');
+                    self.in_flight = false;
+                }
+                Ok(Some(n))
+            }
+            Ok(Some(n)) => {
+                let missing = n - self.rbuf.len();
+                self.rbuf.reserve(missing.min(1 << 20));
+                Ok(None)
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.broken = true;
+                Err(BackendError::Protocol {
+                    shard: self.shard_name.clone(),
+                    reason: e.to_string(),
+                })
+            }
+        }
     }
 
     /// Send everything queued in `wbuf`. A large batch is sent while the server's

@@ -142,7 +142,7 @@ impl Checkout {
         // Closed without going back: the slot stays counted, now held by `Slot`.
         drop(self.pooled.take());
         drop(self);
-        let timeout = pool.connect_timeout.min(pool.checkout_timeout);
+        let timeout = pool.connect_limit();
         Slot::new(pool).open(timeout).await
     }
 }
@@ -186,9 +186,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if self.armed {
-            let mut st = self.pool.lock();
-            st.open = st.open.saturating_sub(1);
-            self.pool.hand_on_slots(&mut st);
+            self.pool.free_slots(&mut self.pool.lock(), 1);
         }
     }
 }
@@ -212,8 +210,7 @@ impl ShardPool {
     fn put_back(&self, pooled: Pooled) {
         let mut st = self.lock();
         if !pooled.conn.reusable() || st.tick.saturating_sub(pooled.born) >= LIFE_TICKS {
-            st.open = st.open.saturating_sub(1);
-            self.hand_on_slots(&mut st);
+            self.free_slots(&mut st, 1);
             drop(st);
             drop(pooled);
             return;
@@ -230,6 +227,17 @@ impl ShardPool {
             let returned = st.tick;
             st.idle.push(Idle { pooled, returned });
         }
+    }
+
+    /// `n` connections are gone: their slots go to waiters, if any.
+    fn free_slots(&self, st: &mut State, n: u32) {
+        st.open = st.open.saturating_sub(n);
+        self.hand_on_slots(st);
+    }
+
+    /// A connect attempt's limit: never past the checkout timeout.
+    fn connect_limit(&self) -> Duration {
+        self.connect_timeout.min(self.checkout_timeout)
     }
 
     /// While there is room under the pool size, let waiters open connections.
@@ -314,8 +322,7 @@ impl ShardPool {
             let (old, keep): (Vec<Idle>, Vec<Idle>) =
                 std::mem::take(&mut st.idle).into_iter().partition(expired);
             st.idle = keep;
-            st.open = st.open.saturating_sub(old.len() as u32);
-            self.hand_on_slots(&mut st);
+            self.free_slots(&mut st, old.len() as u32);
             old
         };
         tracing::debug!(shard = %self.shard.name, closed = old.len(), "closing old or idle connections");
@@ -354,9 +361,7 @@ impl Drop for Queued<'_> {
         match self.leave() {
             Some(Grant::Conn(p)) => self.pool.put_back(p),
             Some(Grant::Open) => {
-                let mut st = self.pool.lock();
-                st.open = st.open.saturating_sub(1);
-                self.pool.hand_on_slots(&mut st);
+                self.pool.free_slots(&mut self.pool.lock(), 1);
             }
             None => {}
         }
@@ -454,10 +459,7 @@ impl Pools {
         // The slow paths are boxed: their futures stay out of every session's request
         // future.
         match wait {
-            None => {
-                let timeout = sp.connect_timeout.min(sp.checkout_timeout);
-                Box::pin(Slot::new(Arc::clone(sp)).open(timeout)).await
-            }
+            None => Box::pin(Slot::new(Arc::clone(sp)).open(sp.connect_limit())).await,
             Some((id, rx)) => Box::pin(Arc::clone(sp).wait(id, rx)).await,
         }
     }

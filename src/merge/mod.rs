@@ -117,8 +117,8 @@ pub(crate) async fn next_frame_len(
     conn: &mut crate::backend::ServerConn,
     client: &mut crate::frontend::client::ClientConn,
 ) -> Result<usize, RelayError> {
-    if conn.has_buffered_frame() {
-        return Ok(conn.ready_frame().await?);
+    if let Some(n) = conn.buffered_frame()? {
+        return Ok(n);
     }
     if client.flush_soon {
         client.flush().await?;

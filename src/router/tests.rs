@@ -614,21 +614,12 @@ fn syntax_error_has_position() {
 fn cache_hits_share_plans_and_literals_stay_per_call() {
     let r = router();
     let topo = r.topology().clone();
+    let twice = |sql: &str| (r.plan(sql).expect("plan"), r.plan(sql).expect("plan"));
     // A text without literals: the exact-text cache returns the very same plan.
-    let a = r
-        .plan("SELECT * FROM users WHERE user_id = $1")
-        .expect("plan");
-    let b = r
-        .plan("SELECT * FROM users WHERE user_id = $1")
-        .expect("plan");
+    let (a, b) = twice("SELECT * FROM users WHERE user_id = $1");
     assert!(Arc::ptr_eq(&a, &b), "exact hit must return the same plan");
     // With literals, the text is found by its shape (even when repeated exactly).
-    let c = r
-        .plan("SELECT * FROM users WHERE user_id = 5")
-        .expect("plan");
-    let d = r
-        .plan("SELECT * FROM users WHERE user_id = 5")
-        .expect("plan");
+    let (c, d) = twice("SELECT * FROM users WHERE user_id = 5");
     assert!(Arc::ptr_eq(&c.statements[0].shape, &d.statements[0].shape));
 
     // Through the normalized cache: same analysis, different values (a range
