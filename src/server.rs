@@ -39,6 +39,8 @@ pub struct ServeOptions {
     pub max_message: u64,
     /// Session pooling: a client keeps its shard connections until it disconnects.
     pub session_pooling: bool,
+    /// Keep clients' unnamed queries on server connections (pool.reuse_unnamed_statements).
+    pub reuse_unnamed_statements: bool,
     /// How long shutdown waits for running sessions.
     pub grace: Duration,
 }
@@ -95,6 +97,7 @@ impl ServeOptions {
             },
             session_pooling: cfg.pool.mode == crate::config::PoolMode::Session,
             max_message: cfg.pool.max_message_bytes,
+            reuse_unnamed_statements: cfg.pool.reuse_unnamed_statements,
             grace: Duration::from_secs(10),
         })
     }
@@ -121,6 +124,7 @@ pub async fn start(opts: ServeOptions) -> std::io::Result<RunningRouter> {
     let router = Router::new(Arc::new(opts.topology));
     let mut shared = Shared::new(router, pools, users, opts.database, opts.max_message);
     shared.session_pooling = opts.session_pooling;
+    shared.reuse_unnamed_statements = opts.reuse_unnamed_statements;
     let shared = Arc::new(shared);
     let (tx, rx) = watch::channel(false);
     let task = tokio::spawn(frontend::run(listener, shared.clone(), rx, opts.grace));

@@ -14,7 +14,9 @@ mod common;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{raw_show, raw_tags, wire, RawClient, RawMsg};
+use common::{
+    drop_table_s0, fresh_table_s0, raw_show, raw_tags, router_pool1, wire, RawClient, RawMsg,
+};
 use tokio_postgres::SimpleQueryMessage;
 
 const HANG: Duration = Duration::from_secs(20);
@@ -24,15 +26,6 @@ async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(HANG, f)
         .await
         .unwrap_or_else(|_| panic!("{what}: no answer within {HANG:?} (hung)"))
-}
-
-/// A router whose pools hold one connection per shard, so that consecutive clients
-/// share server connections.
-async fn router_pool1() -> shardwire::server::RunningRouter {
-    let mut opts = common::options();
-    opts.pool.size = 1;
-    opts.pool.checkout_timeout = Duration::from_secs(15);
-    shardwire::server::start(opts).await.expect("router starts")
 }
 
 /// The first key at or after `from` that the placement function puts on `shard`.
@@ -72,24 +65,6 @@ async fn shards_with_user(key: i64) -> Vec<usize> {
 }
 
 /// (Re)create an unsharded table on the default shard s0.
-async fn fresh_table_s0(name: &str, columns: &str) {
-    common::shard(0)
-        .await
-        .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {name}; CREATE TABLE {name} ({columns})"
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("create {name} on s0: {e}"));
-}
-
-async fn drop_table_s0(name: &str) {
-    common::shard(0)
-        .await
-        .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
-        .await
-        .unwrap_or_else(|e| panic!("drop {name} on s0: {e}"));
-}
-
 /// The single value of a simple query's single row.
 fn simple_value(msgs: &[SimpleQueryMessage]) -> Option<String> {
     let rows: Vec<_> = msgs

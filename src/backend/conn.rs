@@ -50,6 +50,9 @@ pub struct ServerConn {
     pub broken: bool,
     /// Server-side prepared statements that exist on this connection (by our hash name).
     pub prepared: HashSet<u64>,
+    /// Statements (by hash name) that still exist on the server but must not be used
+    /// again: closed before this connection's next batch.
+    pub stale: Vec<u64>,
     /// Fingerprint of the session settings applied to this connection (0: none).
     pub settings: u64,
     /// Messages were sent and their ReadyForQuery has not been read yet; such a
@@ -98,6 +101,7 @@ impl ServerConn {
             status: b'I',
             broken: false,
             prepared: HashSet::new(),
+            stale: Vec::new(),
             settings: 0,
             in_flight: false,
         };

@@ -126,6 +126,14 @@ pub struct PoolConfig {
     /// before the router buffers it, which bounds the memory one client can take.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: u64,
+    /// Keep a client's unnamed extended-protocol query (Parse "" before every Bind, as
+    /// pgbench -M extended and many drivers send) as a named statement on each server
+    /// connection, shared by clients with the same settings, so the shard parses and
+    /// plans a repeated text once per connection instead of on every execution
+    /// (default true). PostgreSQL then plans it as it plans any prepared statement
+    /// (custom plans first, a generic plan when it is no costlier).
+    #[serde(default = "default_true")]
+    pub reuse_unnamed_statements: bool,
 }
 
 impl Default for PoolConfig {
@@ -136,6 +144,7 @@ impl Default for PoolConfig {
             checkout_timeout_ms: default_checkout_timeout_ms(),
             mode: PoolMode::default(),
             max_message_bytes: default_max_message_bytes(),
+            reuse_unnamed_statements: true,
         }
     }
 }
@@ -148,6 +157,9 @@ fn default_connect_timeout_ms() -> u64 {
 }
 fn default_checkout_timeout_ms() -> u64 {
     5000
+}
+fn default_true() -> bool {
+    true
 }
 fn default_max_message_bytes() -> u64 {
     DEFAULT_MAX_MESSAGE_BYTES

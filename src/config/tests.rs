@@ -127,6 +127,7 @@ fn pool_keys_are_read() {
             checkout_timeout_ms: 20,
             mode: PoolMode::Session,
             max_message_bytes: 65536,
+            reuse_unnamed_statements: true,
         }
     );
     let bad = edit(

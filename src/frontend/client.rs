@@ -38,6 +38,9 @@ pub struct ClientConn {
     pub flush_soon: bool,
     /// Largest message accepted from this client (pool.max_message_bytes).
     max_message: u64,
+    /// How many times `wbuf` was sent: tells a caller whether what it queued is still
+    /// unsent (and can be taken back).
+    pub flushes: u64,
 }
 
 impl ClientConn {
@@ -50,6 +53,7 @@ impl ClientConn {
             wbuf: BytesMut::new(),
             flush_soon: false,
             max_message,
+            flushes: 0,
         }
     }
 
@@ -132,6 +136,7 @@ impl ClientConn {
     pub async fn flush(&mut self) -> Result<(), ClientError> {
         self.flush_soon = false;
         if !self.wbuf.is_empty() {
+            self.flushes += 1;
             crate::backend::conn::write_out(&mut self.stream, &self.wbuf).await?;
             self.wbuf.clear();
         }

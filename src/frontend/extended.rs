@@ -26,20 +26,34 @@ pub struct PreparedStatement {
     pub param_types: Vec<u32>,
     /// The router's analysis: zero statements (empty query) or one.
     pub plan: Arc<QueryPlan>,
-    /// Identifies the statement on server connections (`sw_<hash>`): a hash of the
-    /// client session, its statement name, the text and the parameter types, so that
-    /// clients never share a server statement (whose plan may be stale for them).
+    /// Identifies the statement on server connections (`sw_<hash>`). For a named
+    /// statement: a hash of the client session, its statement name, the text and the
+    /// parameter types, so that clients never share a server statement. For a shared
+    /// one: of the text and parameter types only.
     pub hash: u64,
-    /// The client's unnamed statement: sent as the server's unnamed statement.
+    /// The client's unnamed statement.
     pub unnamed: bool,
+    /// An unnamed query kept on server connections under a name of its own
+    /// (`pool.reuse_unnamed_statements`) and shared by every client with the same
+    /// settings: a driver that sends the same text with Parse before every execution
+    /// then costs the shard one parse per connection, not one per execution.
+    pub shared: bool,
 }
 
 impl PreparedStatement {
-    fn server_name(&self) -> String {
-        if self.unnamed {
-            String::new()
+    /// The statement's name on a connection with session settings `settings`: `None`
+    /// for the server's unnamed statement.
+    fn server_key(&self, settings: u64) -> Option<u64> {
+        if self.shared {
+            // Shared only among sessions with the same settings: under other settings
+            // the same text can parse differently (standard_conforming_strings) and a
+            // kept plan may have folded constants differently (DateStyle, TimeZone).
+            // Unknown settings (u64::MAX): parsed afresh, unnamed.
+            (settings != u64::MAX).then(|| self.hash ^ settings.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        } else if self.unnamed {
+            None
         } else {
-            format!("sw_{:016x}", self.hash)
+            Some(self.hash)
         }
     }
 
@@ -52,6 +66,30 @@ impl PreparedStatement {
             ),
             None => false,
         }
+    }
+}
+
+/// A statement's name on server connections, `sw_` and 16 hex digits (or empty for
+/// the unnamed statement), built on the stack.
+struct ServerName {
+    buf: [u8; 19],
+    len: usize,
+}
+
+impl ServerName {
+    fn new(key: Option<u64>) -> ServerName {
+        let mut buf = *b"sw_0000000000000000";
+        let Some(key) = key else {
+            return ServerName { buf, len: 0 };
+        };
+        for (i, b) in buf[3..].iter_mut().enumerate() {
+            *b = b"0123456789abcdef"[((key >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        ServerName { buf, len: 19 }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
     }
 }
 
@@ -136,13 +174,149 @@ async fn discard_to_ready(
     }
 }
 
-/// Queue the answer the client is owed for a message sent to a shard, counting it.
-fn answer(steps: &mut VecDeque<Step>, kind: StepKind, server_steps: &mut usize) {
-    steps.push_back(Step::Server {
-        kind,
-        forward: true,
-    });
-    *server_steps += 1;
+/// What a statement did in a batch sent to one connection: (what, server step, hash).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// A Parse that creates the statement on the connection.
+    Created,
+    /// A Bind or Describe of a shared statement (one that may have outlived a schema
+    /// change).
+    Shared,
+}
+
+/// Writes a group's messages for one connection and queues the steps that answer them.
+struct SingleBatch<'a> {
+    steps: &'a mut VecDeque<Step>,
+    uses: &'a mut Vec<(Use, usize, u64)>,
+    /// Server steps queued so far.
+    server_steps: usize,
+    /// The first server step whose answer goes to the client.
+    first_forwarded: Option<usize>,
+    /// The router itself raised an error in this batch.
+    router_error: bool,
+    /// The connection's settings fingerprint, or u64::MAX when its settings may have
+    /// changed since it was recorded (shared statements are then not used).
+    settings: u64,
+}
+
+impl SingleBatch<'_> {
+    /// Queue the answer to a message sent to the server; returns its step index.
+    fn step(&mut self, kind: StepKind, forward: bool) -> usize {
+        if forward && self.first_forwarded.is_none() {
+            self.first_forwarded = Some(self.server_steps);
+        }
+        self.steps.push_back(Step::Server { kind, forward });
+        self.server_steps += 1;
+        self.server_steps - 1
+    }
+
+    /// The statement's name on this connection, creating it there first unless it
+    /// exists. The client's unnamed statement (when not shared) is parsed for each use,
+    /// as PostgreSQL itself does.
+    fn ensure(
+        &mut self,
+        conn: &mut crate::backend::ServerConn,
+        st: &PreparedStatement,
+    ) -> (ServerName, Option<u64>) {
+        let key = st.server_key(self.settings);
+        let name = ServerName::new(key);
+        let create = match key {
+            None => true,
+            Some(h) => conn.prepared.insert(h),
+        };
+        if create {
+            messages::parse(&mut conn.wbuf, name.as_str(), &st.sql, &st.param_types);
+            let idx = self.step(StepKind::Parse, false);
+            if let Some(h) = key {
+                self.uses.push((Use::Created, idx, h));
+            }
+        }
+        (name, key)
+    }
+}
+
+/// Write a group's messages for one connection, with the steps that answer them.
+/// Statements found stale on the connection are closed before anything else.
+fn encode_single<'a>(
+    conn: &mut crate::backend::ServerConn,
+    ops: &[Op],
+    sync: bool,
+    settings_known: bool,
+    steps: &'a mut VecDeque<Step>,
+    uses: &'a mut Vec<(Use, usize, u64)>,
+) -> SingleBatch<'a> {
+    steps.clear();
+    uses.clear();
+    let mut batch = SingleBatch {
+        steps,
+        uses,
+        server_steps: 0,
+        first_forwarded: None,
+        router_error: false,
+        settings: if settings_known {
+            conn.settings
+        } else {
+            u64::MAX
+        },
+    };
+    for hash in std::mem::take(&mut conn.stale) {
+        messages::target(
+            &mut conn.wbuf,
+            b'C',
+            b'S',
+            ServerName::new(Some(hash)).as_str(),
+        );
+        batch.step(StepKind::Close, false);
+    }
+    for op in ops {
+        match op {
+            Op::Bind {
+                portal,
+                statement,
+                rest,
+            } => {
+                let (name, key) = batch.ensure(conn, statement);
+                messages::rebind(&mut conn.wbuf, portal, name.as_str(), rest);
+                let idx = batch.step(StepKind::Bind, true);
+                if let (true, Some(h)) = (statement.shared, key) {
+                    batch.uses.push((Use::Shared, idx, h));
+                }
+            }
+            Op::DescribeStatement(statement) => {
+                let (name, key) = batch.ensure(conn, statement);
+                messages::target(&mut conn.wbuf, b'D', b'S', name.as_str());
+                let idx = batch.step(StepKind::DescribeStatement, true);
+                if let (true, Some(h)) = (statement.shared, key) {
+                    batch.uses.push((Use::Shared, idx, h));
+                }
+            }
+            Op::DescribePortal(p) => {
+                messages::target(&mut conn.wbuf, b'D', b'P', p);
+                batch.step(StepKind::DescribePortal, true);
+            }
+            Op::Execute(p, n) => {
+                messages::execute(&mut conn.wbuf, p, *n);
+                batch.step(StepKind::Execute, true);
+            }
+            Op::ClosePortal(p) => {
+                messages::target(&mut conn.wbuf, b'C', b'P', p);
+                batch.step(StepKind::Close, true);
+            }
+            Op::Synthetic(b) => batch.steps.push_back(Step::Synthetic(b.clone())),
+            Op::Error(b) => {
+                batch.router_error = true;
+                batch.steps.push_back(Step::Synthetic(b.clone()));
+            }
+        }
+    }
+    if sync {
+        messages::empty_message(&mut conn.wbuf, b'S');
+        batch.step(StepKind::Sync, false);
+    } else {
+        // Flush, so the shard answers now; its Sync comes with the client's.
+        messages::empty_message(&mut conn.wbuf, b'H');
+    }
+    batch
 }
 
 /// Send pending groups early once they hold this much, so a huge pipeline is not held
@@ -307,13 +481,22 @@ impl Session {
             ));
             return Ok(());
         }
+        let shared = p.name.is_empty()
+            && self.shared.reuse_unnamed_statements
+            && plan.statements.len() == 1
+            && plan.statements[0].kind == StatementKind::Query;
         let mut h = DefaultHasher::new();
-        self.id.hash(&mut h);
-        p.name.hash(&mut h);
+        if shared {
+            "shared".hash(&mut h);
+        } else {
+            self.id.hash(&mut h);
+            p.name.hash(&mut h);
+        }
         p.sql.hash(&mut h);
         p.param_types.hash(&mut h);
         let stmt = PreparedStatement {
             unnamed: p.name.is_empty(),
+            shared,
             sql: p.sql.to_owned(),
             param_types: p.param_types,
             plan,
@@ -633,102 +816,76 @@ impl Session {
             self.fail(e);
             return Ok(false);
         }
-        let Some(conn) = self.held.get_mut(&shard) else {
-            return Ok(false);
-        };
-        // The session's queue, reused: no allocation per batch.
-        let mut steps = std::mem::take(&mut self.steps);
-        steps.clear();
-        let mut router_error = false;
-        // Statements created by this group: (server step index, hash).
-        let mut created: Vec<(usize, u64)> = Vec::new();
-        let mut server_steps = 0usize;
-        let mut ensure = |conn: &mut crate::backend::ServerConn,
-                          steps: &mut VecDeque<Step>,
-                          st: &PreparedStatement,
-                          server_steps: &mut usize| {
-            if st.unnamed {
-                // The client's unnamed statement is the server's unnamed one, parsed
-                // for each use as PostgreSQL itself does.
-                messages::parse(&mut conn.wbuf, "", &st.sql, &st.param_types);
-                steps.push_back(Step::Server {
-                    kind: StepKind::Parse,
-                    forward: false,
-                });
-                *server_steps += 1;
-            } else if conn.prepared.insert(st.hash) {
-                messages::parse(&mut conn.wbuf, &st.server_name(), &st.sql, &st.param_types);
-                steps.push_back(Step::Server {
-                    kind: StepKind::Parse,
-                    forward: false,
-                });
-                created.push((*server_steps, st.hash));
-                *server_steps += 1;
-            }
-        };
-        for op in ops {
-            match op {
-                Op::Bind {
-                    portal,
-                    statement,
-                    rest,
-                } => {
-                    ensure(conn, &mut steps, &statement, &mut server_steps);
-                    messages::rebind(&mut conn.wbuf, &portal, &statement.server_name(), &rest);
-                    answer(&mut steps, StepKind::Bind, &mut server_steps);
-                }
-                Op::DescribeStatement(statement) => {
-                    ensure(conn, &mut steps, &statement, &mut server_steps);
-                    messages::target(&mut conn.wbuf, b'D', b'S', &statement.server_name());
-                    answer(&mut steps, StepKind::DescribeStatement, &mut server_steps);
-                }
-                Op::DescribePortal(p) => {
-                    messages::target(&mut conn.wbuf, b'D', b'P', &p);
-                    answer(&mut steps, StepKind::DescribePortal, &mut server_steps);
-                }
-                Op::Execute(p, n) => {
-                    messages::execute(&mut conn.wbuf, &p, n);
-                    answer(&mut steps, StepKind::Execute, &mut server_steps);
-                }
-                Op::ClosePortal(p) => {
-                    messages::target(&mut conn.wbuf, b'C', b'P', &p);
-                    answer(&mut steps, StepKind::Close, &mut server_steps);
-                }
-                Op::Synthetic(b) => steps.push_back(Step::Synthetic(b)),
-                Op::Error(b) => {
-                    router_error = true;
-                    steps.push_back(Step::Synthetic(b));
-                }
-            }
-        }
         if sync {
-            messages::empty_message(&mut conn.wbuf, b'S');
-            steps.push_back(Step::Server {
-                kind: StepKind::Sync,
-                forward: false,
-            });
             self.pending.unsynced.remove(&shard);
         } else {
-            // Flush, so the shard answers now; its Sync comes with the client's.
-            messages::empty_message(&mut conn.wbuf, b'H');
             self.pending.unsynced.insert(shard);
         }
-        let result = match conn.flush().await {
-            Ok(()) => relay_single(conn, &mut self.client, &mut steps).await,
-            Err(e) => Err(RelayError::Backend(e)),
-        };
-        if let Ok(out) = &result {
-            if let Some(failed_at) = out.failed_step {
-                // A Parse that failed, or was skipped after an earlier error, created
-                // nothing on the server.
-                for (idx, hash) in &created {
-                    if *idx >= failed_at {
-                        conn.prepared.remove(hash);
-                    }
+        // The session's queues, reused: no allocation per batch.
+        let mut steps = std::mem::take(&mut self.steps);
+        let mut uses = std::mem::take(&mut self.statement_uses);
+        // What the client is owed so far, to take back if the batch is run again.
+        let (mark, flushes) = (self.client.wbuf.len(), self.client.flushes);
+        let mut retried = false;
+        // Settings changed inside the open block, or by a statement the router cannot
+        // follow, are not in the connection's fingerprint yet.
+        let settings_known = !self.dirty && self.txn.as_ref().is_none_or(|t| t.replay.is_empty());
+        let (result, router_error) = loop {
+            let Some(conn) = self.held.get_mut(&shard) else {
+                break (Ok(crate::merge::Outcome::default()), false);
+            };
+            let batch = encode_single(conn, &ops, sync, settings_known, &mut steps, &mut uses);
+            let (router_error, first_forwarded) = (batch.router_error, batch.first_forwarded);
+            let result = match conn.flush().await {
+                Ok(()) => relay_single(conn, &mut self.client, &mut steps).await,
+                Err(e) => Err(RelayError::Backend(e)),
+            };
+            let Ok(out) = &result else {
+                break (result, router_error);
+            };
+            let Some(failed_at) = out.failed_step else {
+                break (result, router_error);
+            };
+            // A Parse that failed, or was skipped after an earlier error, created
+            // nothing on the server.
+            for (kind, idx, hash) in &uses {
+                if *kind == Use::Created && *idx >= failed_at {
+                    conn.prepared.remove(hash);
                 }
             }
-        }
+            let stale = out.stale_plan.then(|| {
+                uses.iter()
+                    .find(|(kind, idx, _)| *kind == Use::Shared && *idx == failed_at)
+                    .map(|u| u.2)
+            });
+            let Some(Some(hash)) = stale else {
+                break (result, router_error);
+            };
+            // A shared statement outlived a change to the columns it returns. It is
+            // dropped from this connection; when nothing but the error reached the
+            // client and no transaction block was hurt, the batch runs again with the
+            // statement parsed afresh, as PostgreSQL would have parsed the unnamed
+            // statement.
+            conn.prepared.remove(&hash);
+            conn.stale.push(hash);
+            let rerun = !retried
+                && sync
+                && self.txn.is_none()
+                && first_forwarded == Some(failed_at)
+                && self.client.flushes == flushes;
+            if !rerun {
+                break (result, router_error);
+            }
+            tracing::debug!(
+                shard,
+                "statement outlived a schema change; running the batch again"
+            );
+            self.client.wbuf.truncate(mark);
+            self.client.flush_soon = false;
+            retried = true;
+        };
         self.steps = steps;
+        self.statement_uses = uses;
         let ok = self.finish_relay(&[shard], result)?;
         Ok(ok && !router_error)
     }
@@ -847,5 +1004,23 @@ impl Session {
         }
         let ok = self.finish_relay(shards, result)?;
         Ok(ok && !router_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerName;
+
+    #[test]
+    fn server_names() {
+        assert_eq!(ServerName::new(None).as_str(), "");
+        assert_eq!(
+            ServerName::new(Some(0x0123_4567_89ab_cdef)).as_str(),
+            "sw_0123456789abcdef"
+        );
+        assert_eq!(
+            ServerName::new(Some(u64::MAX)).as_str(),
+            "sw_ffffffffffffffff"
+        );
     }
 }

@@ -44,6 +44,9 @@ pub struct Shared {
     pub cancels: CancelRegistry,
     /// Session pooling: connections stay with a client until it disconnects.
     pub session_pooling: bool,
+    /// Keep clients' unnamed queries on server connections under shared names
+    /// (`pool.reuse_unnamed_statements`).
+    pub reuse_unnamed_statements: bool,
     /// ParameterStatus values of the default shard, learned from its first connection.
     server_params: Mutex<Option<Vec<(String, String)>>>,
 }
@@ -64,6 +67,7 @@ impl Shared {
             max_message,
             cancels: CancelRegistry::default(),
             session_pooling: false,
+            reuse_unnamed_statements: true,
             server_params: Mutex::new(None),
         }
     }

@@ -64,6 +64,7 @@ pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr
         active,
         pending: Default::default(),
         steps: VecDeque::new(),
+        statement_uses: Vec::new(),
         id: pid,
         dirty: false,
     };
@@ -183,6 +184,8 @@ pub struct Session {
     /// Answers expected from shards for the statement being relayed (kept between
     /// statements for its allocation).
     pub steps: VecDeque<Step>,
+    /// What statements did in the batch being relayed (reused, like `steps`).
+    pub statement_uses: Vec<(super::extended::Use, usize, u64)>,
     /// This session's key (the pid handed to the client).
     pub id: i32,
     /// A statement with untracked session effects ran on the held connections.
@@ -361,6 +364,7 @@ impl Session {
                 return Err(server_error(&err, &c.shard_name));
             }
             c.prepared.clear();
+            c.stale.clear();
         }
         if c.settings != wanted {
             // Unknown until the SETs succeed.

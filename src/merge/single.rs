@@ -49,6 +49,9 @@ pub async fn relay_single(
                     }
                     None => client.wbuf.extend_from_slice(&frame),
                 }
+                if !out.error {
+                    out.stale_plan = crate::protocol::error::is_stale_plan(&frame[5..]);
+                }
                 out.error = true;
                 out.failed_step.get_or_insert(done);
                 if kind.skips_to_sync() {

@@ -113,10 +113,42 @@ pub fn summarize_error(body: &[u8]) -> (String, String) {
     (code, msg)
 }
 
+/// Whether an ErrorResponse body is PostgreSQL's refusal to run a prepared statement
+/// whose result columns changed since it was prepared (`0A000`, "cached plan must not
+/// change result type"): a statement kept on a server connection outlived DDL.
+pub fn is_stale_plan(body: &[u8]) -> bool {
+    let mut code = false;
+    let mut message = false;
+    for field in body.split(|b| *b == 0) {
+        match field.split_first() {
+            Some((b'C', v)) => code = v == super::sqlstate::FEATURE_NOT_SUPPORTED.as_bytes(),
+            Some((b'M', v)) => message = v.starts_with(b"cached plan must not change result type"),
+            _ => {}
+        }
+    }
+    code && message
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::protocol::sqlstate;
+
+    #[test]
+    fn stale_plan_errors() {
+        let body = |code: &'static str, msg: &str| {
+            let mut b = BytesMut::new();
+            PgError::error(code, msg).encode(&mut b);
+            b[5..].to_vec()
+        };
+        let stale = "cached plan must not change result type";
+        assert!(is_stale_plan(&body(sqlstate::FEATURE_NOT_SUPPORTED, stale)));
+        assert!(!is_stale_plan(&body(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "other"
+        )));
+        assert!(!is_stale_plan(&body(sqlstate::SYNTAX_ERROR, stale)));
+    }
 
     #[test]
     fn error_response_fields() {

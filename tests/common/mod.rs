@@ -23,6 +23,40 @@ pub async fn router() -> RunningRouter {
     start(options()).await.expect("router starts")
 }
 
+/// A router whose pools hold one connection per shard, so that consecutive clients
+/// share server connections.
+pub async fn router_pool1() -> RunningRouter {
+    router_pool1_with(|_| {}).await
+}
+
+/// `router_pool1` with further changes to its options.
+pub async fn router_pool1_with(change: impl FnOnce(&mut ServeOptions)) -> RunningRouter {
+    let mut opts = options();
+    opts.pool.size = 1;
+    opts.pool.checkout_timeout = Duration::from_secs(15);
+    change(&mut opts);
+    start(opts).await.expect("router starts")
+}
+
+/// Create table `name` afresh on s0 (the default shard), directly.
+pub async fn fresh_table_s0(name: &str, columns: &str) {
+    shard(0)
+        .await
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {name}; CREATE TABLE {name} ({columns})"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("create {name} on s0: {e}"));
+}
+
+pub async fn drop_table_s0(name: &str) {
+    shard(0)
+        .await
+        .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+        .await
+        .unwrap_or_else(|e| panic!("drop {name} on s0: {e}"));
+}
+
 pub fn conninfo(r: &RunningRouter) -> String {
     format!(
         "host=127.0.0.1 port={} user=app password=app-secret dbname=app",

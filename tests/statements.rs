@@ -1,0 +1,219 @@
+//! Clients' unnamed extended-protocol queries kept on server connections
+//! (`pool.reuse_unnamed_statements`): parsed once per connection, shared only among
+//! clients with the same settings, and parsed afresh when a schema change makes the kept
+//! statement stale.
+//!
+//! Every router here has one server connection per shard, so consecutive clients meet
+//! on the same connection and a statement one of them left behind is visible to the
+//! next (through `pg_prepared_statements`, which is per server connection).
+//!
+//! Tables st_* are created directly on s0, the default shard.
+
+mod common;
+
+use bytes::BytesMut;
+use common::{
+    drop_table_s0, fresh_table_s0, raw_show, router_pool1, router_pool1_with, wire, RawClient,
+    RawMsg,
+};
+
+/// Parse (unnamed) / Bind / Describe / Execute / Sync of `sql`; all messages up to
+/// ReadyForQuery.
+async fn unnamed(c: &mut RawClient, sql: &str) -> Vec<RawMsg> {
+    let mut b = BytesMut::new();
+    wire::parse(&mut b, "", sql, &[]);
+    wire::bind(&mut b, "", "", &[]);
+    wire::describe(&mut b, b'P', "");
+    wire::execute(&mut b, "", 0);
+    wire::sync(&mut b);
+    c.send(&b).await;
+    c.until_ready().await
+}
+
+/// The first column of the single row `sql` returns, run as an unnamed statement.
+async fn unnamed_value(c: &mut RawClient, sql: &str) -> String {
+    let got = unnamed(c, sql).await;
+    let rows: Vec<&RawMsg> = got.iter().filter(|m| m.tag == b'D').collect();
+    assert!(
+        rows.len() == 1 && !got.iter().any(|m| m.tag == b'E'),
+        "unnamed `{sql}`: {}",
+        raw_show(&got)
+    );
+    rows[0].values()[0].clone().expect("not NULL")
+}
+
+/// The first column of the single row of a simple query.
+async fn simple_value(c: &mut RawClient, sql: &str) -> String {
+    let got = c.query(sql).await;
+    let rows: Vec<&RawMsg> = got.iter().filter(|m| m.tag == b'D').collect();
+    assert!(rows.len() == 1, "`{sql}`: {}", raw_show(&got));
+    rows[0].values()[0].clone().unwrap_or_default()
+}
+
+/// Named statements on s0's server connection whose text is `sql`, as
+/// "count/name prefix/executions" (executions: custom plus generic plans).
+async fn kept_on_s0(c: &mut RawClient, sql: &str) -> String {
+    simple_value(
+        c,
+        &format!(
+            "SELECT count(*) || '/' || coalesce(min(left(name, 3)), '-') || '/' \
+             || coalesce(sum(generic_plans + custom_plans), 0) \
+             FROM pg_prepared_statements WHERE statement = '{}'",
+            sql.replace('\'', "''")
+        ),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_repeated_unnamed_query_is_parsed_once_per_connection() {
+    fresh_table_s0("st_once", "a int").await;
+    common::shard(0)
+        .await
+        .batch_execute("INSERT INTO st_once VALUES (41)")
+        .await
+        .expect("row");
+    let r = router_pool1().await;
+    let sql = "select a + 1 from st_once";
+    let mut a = RawClient::connect(&r).await;
+    let mut b = RawClient::connect(&r).await;
+    for _ in 0..3 {
+        assert_eq!(unnamed_value(&mut a, sql).await, "42");
+        assert_eq!(unnamed_value(&mut b, sql).await, "42");
+    }
+    // One statement on the connection, made by the first Parse and used by all six
+    // executions of both clients.
+    assert_eq!(kept_on_s0(&mut a, sql).await, "1/sw_/6");
+    drop((a, b));
+    r.stop().await;
+    drop_table_s0("st_once").await;
+}
+
+#[tokio::test]
+async fn unnamed_queries_are_parsed_afresh_when_reuse_is_off() {
+    fresh_table_s0("st_off", "a int").await;
+    common::shard(0)
+        .await
+        .batch_execute("INSERT INTO st_off VALUES (7)")
+        .await
+        .expect("row");
+    let r = router_pool1_with(|o| o.reuse_unnamed_statements = false).await;
+    let sql = "select a from st_off";
+    let mut a = RawClient::connect(&r).await;
+    for _ in 0..2 {
+        assert_eq!(unnamed_value(&mut a, sql).await, "7");
+    }
+    assert_eq!(kept_on_s0(&mut a, sql).await, "0/-/0");
+    drop(a);
+    r.stop().await;
+    drop_table_s0("st_off").await;
+}
+
+/// With standard_conforming_strings off, '\\' in a literal is one backslash: the same
+/// text means something else, so a client with other settings must not use the
+/// statement another client's settings produced.
+const BACKSLASHES: &str = r"select length('a\\b')";
+
+#[tokio::test]
+async fn clients_with_other_settings_do_not_share_a_kept_statement() {
+    let r = router_pool1().await;
+    let mut off = RawClient::connect(&r).await;
+    let got = off.query("SET standard_conforming_strings = off").await;
+    assert!(
+        !got.iter().any(|m| m.tag == b'E'),
+        "SET: {}",
+        raw_show(&got)
+    );
+    let mut on = RawClient::connect(&r).await;
+    for _ in 0..2 {
+        assert_eq!(unnamed_value(&mut off, BACKSLASHES).await, "3");
+        assert_eq!(unnamed_value(&mut on, BACKSLASHES).await, "4");
+    }
+    drop((off, on));
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_setting_changed_inside_a_block_is_not_shared() {
+    let r = router_pool1().await;
+    let mut a = RawClient::connect(&r).await;
+    let got = a
+        .query("BEGIN; SET LOCAL standard_conforming_strings = off")
+        .await;
+    assert!(
+        !got.iter().any(|m| m.tag == b'E'),
+        "BEGIN; SET LOCAL: {}",
+        raw_show(&got)
+    );
+    assert_eq!(unnamed_value(&mut a, BACKSLASHES).await, "3");
+    assert_eq!(unnamed_value(&mut a, BACKSLASHES).await, "3");
+    let got = a.query("COMMIT").await;
+    assert!(
+        !got.iter().any(|m| m.tag == b'E'),
+        "COMMIT: {}",
+        raw_show(&got)
+    );
+    // The connection is back to default settings; what the block parsed must not be
+    // taken for the statement of those settings.
+    let mut b = RawClient::connect(&r).await;
+    assert_eq!(unnamed_value(&mut b, BACKSLASHES).await, "4");
+    assert_eq!(unnamed_value(&mut a, BACKSLASHES).await, "4");
+    drop((a, b));
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_stale_kept_statement_inside_a_transaction_is_replaced_after_it() {
+    fresh_table_s0("st_txn", "a int").await;
+    common::shard(0)
+        .await
+        .batch_execute("INSERT INTO st_txn VALUES (1)")
+        .await
+        .expect("row");
+    let r = router_pool1().await;
+    let sql = "select * from st_txn";
+    let mut a = RawClient::connect(&r).await;
+    assert_eq!(unnamed_value(&mut a, sql).await, "1");
+    common::shard(0)
+        .await
+        .batch_execute("ALTER TABLE st_txn ADD COLUMN b int DEFAULT 2")
+        .await
+        .expect("alter");
+    // Inside a transaction block the kept statement's error cannot be undone: the
+    // client sees PostgreSQL's error (as it would for a named statement) …
+    let got = a.query("BEGIN").await;
+    assert!(
+        !got.iter().any(|m| m.tag == b'E'),
+        "BEGIN: {}",
+        raw_show(&got)
+    );
+    let got = unnamed(&mut a, sql).await;
+    let err = got.iter().find(|m| m.tag == b'E');
+    assert_eq!(
+        err.and_then(RawMsg::sqlstate).as_deref(),
+        Some("0A000"),
+        "stale statement inside a block: {}",
+        raw_show(&got)
+    );
+    let got = a.query("ROLLBACK").await;
+    assert!(
+        !got.iter().any(|m| m.tag == b'E'),
+        "ROLLBACK: {}",
+        raw_show(&got)
+    );
+    // … and once the block is over the statement is parsed afresh, for every client.
+    let mut b = RawClient::connect(&r).await;
+    for c in [&mut a, &mut b] {
+        let got = unnamed(c, sql).await;
+        let cols = got.iter().find(|m| m.tag == b'T').map(RawMsg::column_names);
+        assert_eq!(
+            cols,
+            Some(vec!["a".to_string(), "b".to_string()]),
+            "{}",
+            raw_show(&got)
+        );
+    }
+    drop((a, b));
+    r.stop().await;
+    drop_table_s0("st_txn").await;
+}
