@@ -146,6 +146,8 @@ pub struct Pending {
     failed: bool,
     /// Roughly how many bytes the pending groups hold (to send early when large).
     bytes: usize,
+    /// An emptied op list kept for the next group: no allocation per batch.
+    spare_ops: Vec<Op>,
 }
 
 /// What an extended-protocol message left to do that must wait (on shards or the
@@ -346,7 +348,9 @@ impl Session {
             Op::Synthetic(b) | Op::Error(b) => b.len(),
             _ => 64,
         };
-        let groups = &mut self.pending.groups;
+        let Pending {
+            groups, spare_ops, ..
+        } = &mut self.pending;
         match groups.last_mut() {
             Some(g) if g.target == target || target == Target::Local => g.ops.push(op),
             Some(g) if g.target == Target::Local => {
@@ -356,8 +360,9 @@ impl Session {
             _ => groups.push(Group {
                 target,
                 ops: {
+                    let mut ops = std::mem::take(spare_ops);
                     // Room for a whole P/B/D/E batch without growing.
-                    let mut ops = Vec::with_capacity(8);
+                    ops.reserve(8);
                     ops.push(op);
                     ops
                 },
@@ -724,14 +729,14 @@ impl Session {
             && !router_error
             && only_server_group.is_some_and(|s| self.pending.unsynced.iter().all(|u| *u == s));
         // Drained rather than consumed: the emptied list goes back for the next batch.
-        for g in groups.drain(..) {
+        for mut g in groups.drain(..) {
             if self.pending.failed {
                 continue;
             }
             let ok = match g.target.clone() {
                 Target::Local => {
                     let mut ok = true;
-                    for op in g.ops {
+                    for op in g.ops.drain(..) {
                         match op {
                             Op::Synthetic(b) => self.client.wbuf.extend_from_slice(&b),
                             Op::Error(b) => {
@@ -744,11 +749,15 @@ impl Session {
                     }
                     ok
                 }
-                Target::Shard(s) => self.run_single(s, g.ops, fast_sync).await?,
+                Target::Shard(s) => self.run_single(s, &g.ops, fast_sync).await?,
                 Target::Multi(shards, combine) => {
-                    Box::pin(self.run_fanout(&shards, g.ops, false, combine)).await?
+                    Box::pin(self.run_fanout(&shards, &g.ops, false, combine)).await?
                 }
             };
+            g.ops.clear();
+            if self.pending.spare_ops.capacity() == 0 {
+                self.pending.spare_ops = g.ops;
+            }
             if !ok {
                 self.pending.failed = true;
             }
@@ -809,7 +818,7 @@ impl Session {
     async fn run_single(
         &mut self,
         shard: ShardId,
-        ops: Vec<Op>,
+        ops: &[Op],
         sync: bool,
     ) -> Result<bool, SessionError> {
         if let Err(e) = self.conn_for(shard).await {
@@ -834,7 +843,7 @@ impl Session {
             let Some(conn) = self.held.get_mut(&shard) else {
                 break (Ok(crate::merge::Outcome::default()), false);
             };
-            let batch = encode_single(conn, &ops, sync, settings_known, &mut steps, &mut uses);
+            let batch = encode_single(conn, ops, sync, settings_known, &mut steps, &mut uses);
             let (router_error, first_forwarded) = (batch.router_error, batch.first_forwarded);
             let result = match conn.flush().await {
                 Ok(()) => relay_single(conn, &mut self.client, &mut steps).await,
@@ -893,7 +902,7 @@ impl Session {
     async fn run_fanout(
         &mut self,
         shards: &[ShardId],
-        ops: Vec<Op>,
+        ops: &[Op],
         sync: bool,
         combine: Combine,
     ) -> Result<bool, SessionError> {
@@ -922,7 +931,7 @@ impl Session {
                         kind: StepKind::Parse,
                         forward: false,
                     });
-                    messages::rebind(&mut wire, &portal, "", &rest);
+                    messages::rebind(&mut wire, portal, "", rest);
                     steps.push_back(Step::Server {
                         kind: StepKind::Bind,
                         forward: true,
@@ -941,30 +950,30 @@ impl Session {
                     });
                 }
                 Op::DescribePortal(p) => {
-                    messages::target(&mut wire, b'D', b'P', &p);
+                    messages::target(&mut wire, b'D', b'P', p);
                     steps.push_back(Step::Server {
                         kind: StepKind::DescribePortal,
                         forward: true,
                     });
                 }
                 Op::Execute(p, n) => {
-                    messages::execute(&mut wire, &p, n);
+                    messages::execute(&mut wire, p, *n);
                     steps.push_back(Step::Server {
                         kind: StepKind::Execute,
                         forward: true,
                     });
                 }
                 Op::ClosePortal(p) => {
-                    messages::target(&mut wire, b'C', b'P', &p);
+                    messages::target(&mut wire, b'C', b'P', p);
                     steps.push_back(Step::Server {
                         kind: StepKind::Close,
                         forward: true,
                     });
                 }
-                Op::Synthetic(b) => steps.push_back(Step::Synthetic(b)),
+                Op::Synthetic(b) => steps.push_back(Step::Synthetic(b.clone())),
                 Op::Error(b) => {
                     router_error = true;
-                    steps.push_back(Step::Synthetic(b));
+                    steps.push_back(Step::Synthetic(b.clone()));
                 }
             }
         }

@@ -41,16 +41,21 @@ pub async fn relay_single(
             }
             b'E' => {
                 let frame = conn.read_raw_buffered(n);
-                client.flush_soon = true;
+                if !out.error {
+                    out.stale_plan = crate::protocol::error::is_stale_plan(&frame[5..]);
+                }
+                // An error goes to the client at once, as PostgreSQL sends it, except a
+                // stale kept statement's: the session may take it back and run the batch
+                // again, so it waits for the batch's end (at most until ReadyForQuery).
+                if !out.stale_plan {
+                    client.flush_soon = true;
+                }
                 match super::client_error(&frame, &conn.shard_name) {
                     Some(e) => {
                         conn.broken = true;
                         e.encode(&mut client.wbuf);
                     }
                     None => client.wbuf.extend_from_slice(&frame),
-                }
-                if !out.error {
-                    out.stale_plan = crate::protocol::error::is_stale_plan(&frame[5..]);
                 }
                 out.error = true;
                 out.failed_step.get_or_insert(done);
