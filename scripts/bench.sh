@@ -16,7 +16,9 @@
 # and full_page_writes off), loads pgbench data, starts PgBouncer (Debian's, transaction
 # pooling, pool size = shardwire's pool.size) on 16432, shardwire with
 # scripts/bench/one-shard.yaml on 16433 and with scripts/bench/four-shard.yaml on 16434,
-# then runs interleaved rounds (PgBouncer and shardwire, and shardwire on one and on four
+# and, for the -S runs, a third shardwire on 16435 with the four-shard config pointed at
+# the one server (same routing and pools as on four shards, one PostgreSQL: it tells the
+# router's share of the four-shard figures from PostgreSQL's), then runs interleaved rounds (PgBouncer and shardwire, and shardwire on one and on four
 # shards, always run back to back, and the order flips every round; each timed run
 # follows one unrecorded second of the same run) of:
 #   -S (select-only) with -M simple / extended / prepared, 16 clients, 2 threads
@@ -89,7 +91,7 @@ ONE_CFG=scripts/bench/one-shard.yaml
 FOUR_CFG=scripts/bench/four-shard.yaml
 DB=bench DB_USER=bench DB_PASSWORD=bench-secret
 DIRECT_PORT=15433 FOUR_PORTS=(15434 15435 15436 15437)
-PGB_PORT=16432 SW1_PORT=16433 SW4_PORT=16434
+PGB_PORT=16432 SW1_PORT=16433 SW4_PORT=16434 SW4X1_PORT=16435
 FOUR_SLOTS=("0 255" "256 511" "512 767" "768 1023")
 PG_SETTINGS=("shared_buffers=256MB" "max_connections=300")
 # The four shards share the one server's memory: each holds a quarter of the data, and
@@ -386,7 +388,7 @@ run_round() {
     local all=(direct pgbouncer shardwire shardwire-4)
     for mode in simple extended prepared; do
         wl="S-$mode"
-        for t in $(rotated "$r" "${all[@]}"); do
+        for t in $(rotated "$r" "${all[@]}" shardwire-4x1); do
             run_one "$wl" "$t" "$r" -- -S -M "$mode" -c "$S_CLIENTS" -j "$S_THREADS" -T "$DURATION"
         done
     done
@@ -510,7 +512,16 @@ write_report() { # file
         echo "\`latency average\`, and p50/p99 of its per-transaction log (\`-l\`); proxy CPU is"
         echo "the proxy process's utime+stime (/proc/<pid>/stat) over the run divided by the"
         echo "transactions processed. \"shardwire 4 shards\" is compared with direct PostgreSQL"
-        echo "on one server and with shardwire on one shard (notes)."
+        echo "on one server and with shardwire on one shard (notes). \"shardwire 4 shards on 1"
+        echo "server\" runs the four-shard config with every shard pointed at the one server:"
+        echo "the same routing and the same four pools, one PostgreSQL. Its ratio to shardwire 1"
+        echo "shard is the router's own cost of four shards; the ratio of shardwire 4 shards to"
+        echo "it is what four PostgreSQL servers on this machine cost."
+        echo
+        echo "A client's unnamed statement (\`-M extended\` sends Parse \"\" before every"
+        echo "execution) is kept by shardwire as a named statement on each server connection"
+        echo "(\`pool.reuse_unnamed_statements\`, on by default), so PostgreSQL parses and plans it"
+        echo "once per connection; PgBouncer forwards each Parse, which PostgreSQL parses anew."
         echo
         python3 "$REPO_ROOT/scripts/bench/report.py" table "$RUNS"
         echo
@@ -547,11 +558,14 @@ write_report() { # file
         echo
         echo "- shardwire $SW1_PORT: \`shardwire serve --config $ONE_CFG --listen 127.0.0.1:$SW1_PORT --log-level warn\`"
         echo "- shardwire $SW4_PORT: \`shardwire serve --config $FOUR_CFG --listen 127.0.0.1:$SW4_PORT --log-level warn\`"
+        echo "- shardwire $SW4X1_PORT (4 shards on 1 server, \`-S\` runs only): $FOUR_CFG with every"
+        echo "  shard's port set to $DIRECT_PORT, \`--listen 127.0.0.1:$SW4X1_PORT\`"
         echo
         echo "## Commands"
         echo
         echo "Targets: direct = port $DIRECT_PORT, PgBouncer = $PGB_PORT, shardwire 1 shard ="
-        echo "$SW1_PORT, shardwire 4 shards = $SW4_PORT (\`-p\` below is the first target's);"
+        echo "$SW1_PORT, shardwire 4 shards = $SW4_PORT, shardwire 4 shards on 1 server = $SW4X1_PORT"
+        echo "(\`-p\` below is the first target's);"
         echo "PGPASSWORD=$DB_PASSWORD."
         echo
         echo '```sh'
@@ -624,14 +638,25 @@ main() {
     local sw1="$LAST_PID"
     start_shardwire "$FOUR_CFG" "$SW4_PORT" "$WORK/shardwire-4.log"
     local sw4="$LAST_PID"
+    # The four-shard config with every shard on the one server (which holds all rows).
+    local port
+    sed -e "s/^listen: .*/listen: 127.0.0.1:$SW4X1_PORT/" "$FOUR_CFG" >"$WORK/four-on-one.yaml"
+    for port in "${FOUR_PORTS[@]}"; do
+        sed -i "s/port: $port,/port: $DIRECT_PORT,/" "$WORK/four-on-one.yaml"
+    done
+    [[ "$(grep -c "port: $DIRECT_PORT," "$WORK/four-on-one.yaml")" == "${#FOUR_PORTS[@]}" ]] ||
+        die "could not point $FOUR_CFG's shards at port $DIRECT_PORT"
+    start_shardwire "$WORK/four-on-one.yaml" "$SW4X1_PORT" "$WORK/shardwire-4x1.log"
+    local sw4x1="$LAST_PID"
 
-    TARGET_PORT=([direct]="$DIRECT_PORT" [pgbouncer]="$PGB_PORT" [shardwire]="$SW1_PORT" [shardwire-4]="$SW4_PORT")
-    TARGET_PID=([pgbouncer]="$PGB_PID" [shardwire]="$sw1" [shardwire-4]="$sw4")
+    TARGET_PORT=([direct]="$DIRECT_PORT" [pgbouncer]="$PGB_PORT" [shardwire]="$SW1_PORT"
+        [shardwire-4]="$SW4_PORT" [shardwire-4x1]="$SW4X1_PORT")
+    TARGET_PID=([pgbouncer]="$PGB_PID" [shardwire]="$sw1" [shardwire-4]="$sw4" [shardwire-4x1]="$sw4x1")
 
     if [[ "$HOLD" == 1 ]]; then
         say "holding; Ctrl-C stops everything. PGPASSWORD=$DB_PASSWORD, user $DB_USER, database $DB"
         local t
-        for t in direct pgbouncer shardwire shardwire-4; do
+        for t in direct pgbouncer shardwire shardwire-4 shardwire-4x1; do
             say "  $t: port ${TARGET_PORT[$t]}${TARGET_PID[$t]:+, pid ${TARGET_PID[$t]}}"
         done
         # In the background and waited for, so a signal to this script ends it at once;
@@ -654,7 +679,7 @@ main() {
     if [[ "$SMOKE" == 0 ]]; then
         say "warm-up: 2 s of -S on every target (not recorded)"
         local t
-        for t in direct pgbouncer shardwire shardwire-4; do
+        for t in direct pgbouncer shardwire shardwire-4 shardwire-4x1; do
             pgbench -h 127.0.0.1 -p "${TARGET_PORT[$t]}" -U "$DB_USER" -n -S -c "$S_CLIENTS" \
                 -j "$S_THREADS" -T 2 "$DB" </dev/null >/dev/null 2>&1 || warn "warm-up against $t failed"
         done
@@ -688,7 +713,7 @@ main() {
             tail -n 5 "$f" | sed 's/^/    /'
         fi
     done
-    for pid in "$sw1" "$sw4"; do
+    for pid in "$sw1" "$sw4" "$sw4x1"; do
         kill -0 "$pid" 2>/dev/null || die "a shardwire process ($pid) died during the benchmark"
     done
 

@@ -24,12 +24,13 @@ import re
 import statistics
 import sys
 
-TARGETS = ["direct", "pgbouncer", "shardwire", "shardwire-4"]
+TARGETS = ["direct", "pgbouncer", "shardwire", "shardwire-4", "shardwire-4x1"]
 TARGET_LABEL = {
     "direct": "direct PostgreSQL",
     "pgbouncer": "PgBouncer",
     "shardwire": "shardwire 1 shard",
     "shardwire-4": "shardwire 4 shards",
+    "shardwire-4x1": "shardwire 4 shards on 1 server",
 }
 
 
@@ -204,10 +205,14 @@ def table(runs_dir):
                 )
             if a["conn"] is not None and "storm" in wid:
                 notes.append("avg connection {:.2f} ms".format(a["conn"]))
-            if t == "shardwire-4":
+            if t in ("shardwire-4", "shardwire-4x1"):
                 one = aggs[wid].get("shardwire", {}).get("tps")
                 if one and a["tps"]:
                     notes.append("{} shardwire 1 shard".format(ratio(a["tps"], one)))
+            if t == "shardwire-4":
+                on_one = aggs[wid].get("shardwire-4x1", {}).get("tps")
+                if on_one and a["tps"]:
+                    notes.append("{} shardwire 4 shards on 1 server".format(ratio(a["tps"], on_one)))
             if a["n_ok"] and a["n_ok"] < a["n"]:
                 notes.append("figures from the {} clean runs".format(a["n_ok"]))
             is_proxy = t != "direct"
@@ -314,6 +319,17 @@ def checks(aggs, data):
                     also(wid, "shardwire-4", "shardwire"),
                 )
             )
+        on_one = g(wid, "shardwire-4x1")
+        if on_one is not None and one is not None:
+            out.append(
+                "  - of which the router (4 shards on 1 server vs 1 shard): {}{}; four PostgreSQL "
+                "servers (4 shards vs 4 shards on 1 server): {}{}".format(
+                    ratio(on_one, one),
+                    also(wid, "shardwire-4x1", "shardwire"),
+                    ratio(four, on_one),
+                    also(wid, "shardwire-4", "shardwire-4x1"),
+                )
+            )
     return "\n".join(out)
 
 
@@ -322,7 +338,7 @@ def errors(runs_dir):
     bad = 0
     for wid, _ in labels:
         for t, runs in data.get(wid, {}).items():
-            if t not in ("shardwire", "shardwire-4", "direct"):
+            if t not in ("shardwire", "shardwire-4", "shardwire-4x1", "direct"):
                 continue
             for r in runs:
                 if not r["ok"]:
