@@ -466,12 +466,11 @@ connections_test() {
 # The report
 
 machine_description() {
-    local model mem pgv pgbv rev
+    local model mem pgv pgbv
     model="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
     mem="$(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
     pgv="$(postgres_version)"
     pgbv="$("$PGBOUNCER_BIN" --version 2>/dev/null | head -n1)"
-    rev="$(git -C "$REPO_ROOT" describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)"
     cat <<EOF
 - date: $(date -u '+%Y-%m-%d %H:%M UTC')
 - CPU: $(nproc) × ${model:-unknown}
@@ -480,7 +479,7 @@ machine_description() {
 - load average at start: $LOAD_AT_START
 - PostgreSQL: $pgv; $(pgbench --version)
 - PgBouncer: $pgbv
-- shardwire: git $rev, $SW_BUILD ($(rustc --version 2>/dev/null || echo rustc))
+- shardwire: git $SW_REV, $SW_BUILD ($(rustc --version 2>/dev/null || echo rustc))
 EOF
 }
 
@@ -591,6 +590,8 @@ write_report() { # file
 
 main() {
     LOAD_AT_START="$(cut -d' ' -f1-3 /proc/loadavg)"
+    # The source the binary is built from (read now: writing the report dirties the tree).
+    SW_REV="$(git -C "$REPO_ROOT" describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)"
     ensure_tools
     find_pgbouncer
     # Thousands of client sockets (pgbench, idle_clients.py, the routers, PgBouncer).

@@ -1,7 +1,7 @@
 //! Clients' unnamed extended-protocol queries kept on server connections
-//! (`pool.reuse_unnamed_statements`): parsed once per connection, shared only among
-//! clients with the same settings, and parsed afresh when a schema change makes the kept
-//! statement stale.
+//! (`pool.reuse_unnamed_statements`): from a text's second use on, parsed once per
+//! connection, shared only among clients with the same settings, and parsed afresh when
+//! a schema change makes the kept statement stale.
 //!
 //! Every router here has one server connection per shard, so consecutive clients meet
 //! on the same connection and a statement one of them left behind is visible to the
@@ -81,12 +81,36 @@ async fn a_repeated_unnamed_query_is_parsed_once_per_connection() {
         assert_eq!(unnamed_value(&mut a, sql).await, "42");
         assert_eq!(unnamed_value(&mut b, sql).await, "42");
     }
-    // One statement on the connection, made by the first Parse and used by all six
-    // executions of both clients.
-    assert_eq!(kept_on_s0(&mut a, sql).await, "1/sw_/6");
+    // The first execution parses the text unnamed (it may never come back); one
+    // statement on the connection serves the other five, of both clients.
+    assert_eq!(kept_on_s0(&mut a, sql).await, "1/sw_/5");
     drop((a, b));
     r.stop().await;
     drop_table_s0("st_once").await;
+}
+
+#[tokio::test]
+async fn a_text_run_once_is_not_kept() {
+    let r = router_pool1().await;
+    let mut a = RawClient::connect(&r).await;
+    // Unique to this run, so no earlier test run's text can count as seen.
+    let sql = format!(
+        "select {} as once_only",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos()
+    );
+    let want = sql["select ".len()..sql.len() - " as once_only".len()].to_string();
+    assert_eq!(unnamed_value(&mut a, &sql).await, want);
+    assert_eq!(kept_on_s0(&mut a, &sql).await, "0/-/0");
+    // Run again, it is kept.
+    assert_eq!(unnamed_value(&mut a, &sql).await, want);
+    let mut b = RawClient::connect(&r).await;
+    assert_eq!(unnamed_value(&mut b, &sql).await, want);
+    assert_eq!(kept_on_s0(&mut a, &sql).await, "1/sw_/2");
+    drop((a, b));
+    r.stop().await;
 }
 
 #[tokio::test]
@@ -162,6 +186,51 @@ async fn a_setting_changed_inside_a_block_is_not_shared() {
     r.stop().await;
 }
 
+/// The column names of the RowDescription among `got`.
+fn columns(got: &[RawMsg]) -> Option<Vec<String>> {
+    got.iter().find(|m| m.tag == b'T').map(RawMsg::column_names)
+}
+
+#[tokio::test]
+async fn a_stale_kept_statement_is_parsed_afresh_and_the_batch_run_again() {
+    fresh_table_s0("st_ddl", "a int").await;
+    common::shard(0)
+        .await
+        .batch_execute("INSERT INTO st_ddl VALUES (1)")
+        .await
+        .expect("row");
+    let r = router_pool1().await;
+    let sql = "select * from st_ddl";
+    let mut a = RawClient::connect(&r).await;
+    for _ in 0..2 {
+        assert_eq!(unnamed_value(&mut a, sql).await, "1");
+    }
+    assert_eq!(kept_on_s0(&mut a, sql).await, "1/sw_/1");
+    common::shard(0)
+        .await
+        .batch_execute("ALTER TABLE st_ddl ADD COLUMN b int DEFAULT 2")
+        .await
+        .expect("alter");
+    // PostgreSQL refuses the kept statement (its columns changed); the client sees the
+    // answer a fresh parse gives, with no error.
+    let mut b = RawClient::connect(&r).await;
+    for c in [&mut b, &mut a] {
+        let got = unnamed(c, sql).await;
+        assert!(!got.iter().any(|m| m.tag == b'E'), "{}", raw_show(&got));
+        assert_eq!(columns(&got), Some(vec!["a".to_string(), "b".to_string()]));
+        let row = got.iter().find(|m| m.tag == b'D').map(RawMsg::values);
+        assert_eq!(
+            row,
+            Some(vec![Some("1".to_string()), Some("2".to_string())])
+        );
+    }
+    // The replacement is kept (the old one closed): one statement, used twice since.
+    assert_eq!(kept_on_s0(&mut a, sql).await, "1/sw_/2");
+    drop((a, b));
+    r.stop().await;
+    drop_table_s0("st_ddl").await;
+}
+
 #[tokio::test]
 async fn a_stale_kept_statement_inside_a_transaction_is_replaced_after_it() {
     fresh_table_s0("st_txn", "a int").await;
@@ -173,7 +242,10 @@ async fn a_stale_kept_statement_inside_a_transaction_is_replaced_after_it() {
     let r = router_pool1().await;
     let sql = "select * from st_txn";
     let mut a = RawClient::connect(&r).await;
+    // Twice: kept on the connection from the second use on.
     assert_eq!(unnamed_value(&mut a, sql).await, "1");
+    assert_eq!(unnamed_value(&mut a, sql).await, "1");
+    assert_eq!(kept_on_s0(&mut a, sql).await, "1/sw_/1");
     common::shard(0)
         .await
         .batch_execute("ALTER TABLE st_txn ADD COLUMN b int DEFAULT 2")

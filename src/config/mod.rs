@@ -128,9 +128,9 @@ pub struct PoolConfig {
     pub max_message_bytes: u64,
     /// Keep a client's unnamed extended-protocol query (Parse "" before every Bind, as
     /// pgbench -M extended and many drivers send) as a named statement on each server
-    /// connection, shared by clients with the same settings, so the shard parses and
-    /// plans a repeated text once per connection instead of on every execution
-    /// (default true). PostgreSQL then plans it as it plans any prepared statement
+    /// connection from its text's second use on, shared by clients with the same
+    /// settings, so the shard parses and plans a repeated text once per connection
+    /// instead of on every execution (default true). PostgreSQL then plans it as it plans any prepared statement
     /// (custom plans first, a generic plan when it is no costlier).
     #[serde(default = "default_true")]
     pub reuse_unnamed_statements: bool,

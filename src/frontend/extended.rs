@@ -34,9 +34,10 @@ pub struct PreparedStatement {
     /// The client's unnamed statement.
     pub unnamed: bool,
     /// An unnamed query kept on server connections under a name of its own
-    /// (`pool.reuse_unnamed_statements`) and shared by every client with the same
-    /// settings: a driver that sends the same text with Parse before every execution
-    /// then costs the shard one parse per connection, not one per execution.
+    /// (`pool.reuse_unnamed_statements`) from its text's second use on, and shared by
+    /// every client with the same settings: a driver that sends the same text with Parse
+    /// before every execution then costs the shard one parse per connection, not one per
+    /// execution.
     pub shared: bool,
 }
 
@@ -90,6 +91,32 @@ impl ServerName {
 
     fn as_str(&self) -> &str {
         std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+/// Texts of the clients' unnamed statements that the router has run, by hash. A text is
+/// kept on server connections only from its second use on, so that one-off texts (values
+/// spliced into the SQL) do not fill the servers' memory with statements never run again.
+#[derive(Default)]
+pub struct SeenTexts(std::sync::Mutex<std::collections::HashSet<u64>>);
+
+/// How many texts `SeenTexts` remembers before it starts afresh (about 1 MB at most).
+const SEEN_TEXTS_LIMIT: usize = 1 << 16;
+
+impl SeenTexts {
+    /// Whether the text with this hash was seen before; remembers it either way.
+    fn seen_before(&self, hash: u64) -> bool {
+        let Ok(mut seen) = self.0.lock() else {
+            return false;
+        };
+        if seen.contains(&hash) {
+            return true;
+        }
+        if seen.len() >= SEEN_TEXTS_LIMIT {
+            seen.clear();
+        }
+        seen.insert(hash);
+        false
     }
 }
 
@@ -199,6 +226,8 @@ struct SingleBatch<'a> {
     /// The connection's settings fingerprint, or u64::MAX when its settings may have
     /// changed since it was recorded (shared statements are then not used).
     settings: u64,
+    /// Unnamed texts run before: only those are kept on the connection.
+    seen: &'a SeenTexts,
 }
 
 impl SingleBatch<'_> {
@@ -220,7 +249,13 @@ impl SingleBatch<'_> {
         conn: &mut crate::backend::ServerConn,
         st: &PreparedStatement,
     ) -> (ServerName, Option<u64>) {
-        let key = st.server_key(self.settings);
+        let mut key = st.server_key(self.settings);
+        if let Some(h) = key {
+            if st.shared && !conn.prepared.contains(&h) && !self.seen.seen_before(st.hash) {
+                // A text run for the first time may never come back: parsed unnamed.
+                key = None;
+            }
+        }
         let name = ServerName::new(key);
         let create = match key {
             None => true,
@@ -244,6 +279,7 @@ fn encode_single<'a>(
     ops: &[Op],
     sync: bool,
     settings_known: bool,
+    seen: &'a SeenTexts,
     steps: &'a mut VecDeque<Step>,
     uses: &'a mut Vec<(Use, usize, u64)>,
 ) -> SingleBatch<'a> {
@@ -260,6 +296,7 @@ fn encode_single<'a>(
         } else {
             u64::MAX
         },
+        seen,
     };
     for hash in std::mem::take(&mut conn.stale) {
         messages::target(
@@ -843,7 +880,8 @@ impl Session {
             let Some(conn) = self.held.get_mut(&shard) else {
                 break (Ok(crate::merge::Outcome::default()), false);
             };
-            let batch = encode_single(conn, ops, sync, settings_known, &mut steps, &mut uses);
+            let seen = &self.shared.seen_texts;
+            let batch = encode_single(conn, ops, sync, settings_known, seen, &mut steps, &mut uses);
             let (router_error, first_forwarded) = (batch.router_error, batch.first_forwarded);
             let result = match conn.flush().await {
                 Ok(()) => relay_single(conn, &mut self.client, &mut steps).await,

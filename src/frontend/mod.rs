@@ -47,6 +47,9 @@ pub struct Shared {
     /// Keep clients' unnamed queries on server connections under shared names
     /// (`pool.reuse_unnamed_statements`).
     pub reuse_unnamed_statements: bool,
+    /// Unnamed statement texts run before (kept on server connections from their second
+    /// use on).
+    pub seen_texts: extended::SeenTexts,
     /// ParameterStatus values of the default shard, learned from its first connection.
     server_params: Mutex<Option<Vec<(String, String)>>>,
 }
@@ -68,6 +71,7 @@ impl Shared {
             cancels: CancelRegistry::default(),
             session_pooling: false,
             reuse_unnamed_statements: true,
+            seen_texts: Default::default(),
             server_params: Mutex::new(None),
         }
     }
