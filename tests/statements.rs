@@ -267,6 +267,12 @@ async fn a_stale_kept_statement_inside_a_transaction_is_replaced_after_it() {
         "stale statement inside a block: {}",
         raw_show(&got)
     );
+    // The routine the router knows the error by (its message is translated under other
+    // lc_messages).
+    assert_eq!(
+        err.and_then(|e| e.field(b'R')).as_deref(),
+        Some("RevalidateCachedQuery")
+    );
     let got = a.query("ROLLBACK").await;
     assert!(
         !got.iter().any(|m| m.tag == b'E'),
