@@ -41,6 +41,9 @@ pub struct ClientConn {
     /// How many times `wbuf` was sent: tells a caller whether what it queued is still
     /// unsent (and can be taken back).
     pub flushes: u64,
+    /// Keep the next relayed error in `wbuf` (not sent at once): the session may take it
+    /// back and run the batch again.
+    pub hold_first_error: bool,
 }
 
 impl ClientConn {
@@ -54,6 +57,7 @@ impl ClientConn {
             flush_soon: false,
             max_message,
             flushes: 0,
+            hold_first_error: false,
         }
     }
 

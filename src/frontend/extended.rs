@@ -44,13 +44,19 @@ pub struct PreparedStatement {
 impl PreparedStatement {
     /// The statement's name on a connection with session settings `settings`: `None`
     /// for the server's unnamed statement.
-    fn server_key(&self, settings: u64) -> Option<u64> {
+    fn server_key(&self, settings: u64, epoch: u64) -> Option<u64> {
         if self.shared {
             // Shared only among sessions with the same settings: under other settings
             // the same text can parse differently (standard_conforming_strings) and a
             // kept plan may have folded constants differently (DateStyle, TimeZone).
-            // Unknown settings (u64::MAX): parsed afresh, unnamed.
-            (settings != u64::MAX).then(|| self.hash ^ settings.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            // Unknown settings (u64::MAX): parsed afresh, unnamed. A new schema epoch
+            // (DDL through the router) gives every kept statement a new name, so none
+            // made before the change is used after it.
+            (settings != u64::MAX).then(|| {
+                self.hash
+                    ^ settings.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    ^ epoch.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+            })
         } else if self.unnamed {
             None
         } else {
@@ -104,13 +110,13 @@ pub struct SeenTexts(std::sync::Mutex<std::collections::HashSet<u64>>);
 const SEEN_TEXTS_LIMIT: usize = 1 << 16;
 
 impl SeenTexts {
-    /// Whether the text with this hash was seen before; remembers it either way.
-    fn seen_before(&self, hash: u64) -> bool {
+    /// Whether the text with this hash was seen before; remembers it if `record`.
+    fn seen_before(&self, hash: u64, record: bool) -> bool {
         let Ok(mut seen) = self.0.lock() else {
             return false;
         };
-        if seen.contains(&hash) {
-            return true;
+        if seen.contains(&hash) || !record {
+            return seen.contains(&hash);
         }
         if seen.len() >= SEEN_TEXTS_LIMIT {
             seen.clear();
@@ -226,7 +232,17 @@ struct SingleBatch<'a> {
     /// The connection's settings fingerprint, or u64::MAX when its settings may have
     /// changed since it was recorded (shared statements are then not used).
     settings: u64,
-    /// Unnamed texts run before: only those are kept on the connection.
+    kept: KeptStatements<'a>,
+}
+
+/// What decides whether (and under which name) a shared statement is kept.
+#[derive(Clone, Copy)]
+struct KeptStatements<'a> {
+    /// The connection's settings fingerprint is its real state.
+    settings_known: bool,
+    /// The router's schema epoch (see `Shared::schema_epoch`).
+    epoch: u64,
+    /// Unnamed texts run before: only those are kept on a connection.
     seen: &'a SeenTexts,
 }
 
@@ -244,15 +260,23 @@ impl SingleBatch<'_> {
     /// The statement's name on this connection, creating it there first unless it
     /// exists. The client's unnamed statement (when not shared) is parsed for each use,
     /// as PostgreSQL itself does.
+    /// `record`: this use counts toward the text's "run before" (a Bind does; a
+    /// Describe, which usually precedes the Bind of the same text, does not).
     fn ensure(
         &mut self,
         conn: &mut crate::backend::ServerConn,
         st: &PreparedStatement,
+        record: bool,
     ) -> (ServerName, Option<u64>) {
-        let mut key = st.server_key(self.settings);
+        let mut key = st.server_key(self.settings, self.kept.epoch);
         if let Some(h) = key {
-            if st.shared && !conn.prepared.contains(&h) && !self.seen.seen_before(st.hash) {
-                // A text run for the first time may never come back: parsed unnamed.
+            if st.shared
+                && !conn.prepared.contains(&h)
+                && (conn.prepared.len() >= super::session::MAX_PREPARED_PER_CONN
+                    || !self.kept.seen.seen_before(st.hash, record))
+            {
+                // A text run for the first time may never come back, and a connection
+                // holding the most statements it may takes no more: parsed unnamed.
                 key = None;
             }
         }
@@ -278,8 +302,7 @@ fn encode_single<'a>(
     conn: &mut crate::backend::ServerConn,
     ops: &[Op],
     sync: bool,
-    settings_known: bool,
-    seen: &'a SeenTexts,
+    kept: KeptStatements<'a>,
     steps: &'a mut VecDeque<Step>,
     uses: &'a mut Vec<(Use, usize, u64)>,
 ) -> SingleBatch<'a> {
@@ -291,12 +314,12 @@ fn encode_single<'a>(
         server_steps: 0,
         first_forwarded: None,
         router_error: false,
-        settings: if settings_known {
+        settings: if kept.settings_known {
             conn.settings
         } else {
             u64::MAX
         },
-        seen,
+        kept,
     };
     for hash in std::mem::take(&mut conn.stale) {
         messages::target(
@@ -314,7 +337,7 @@ fn encode_single<'a>(
                 statement,
                 rest,
             } => {
-                let (name, key) = batch.ensure(conn, statement);
+                let (name, key) = batch.ensure(conn, statement, true);
                 messages::rebind(&mut conn.wbuf, portal, name.as_str(), rest);
                 let idx = batch.step(StepKind::Bind, true);
                 if let (true, Some(h)) = (statement.shared, key) {
@@ -322,7 +345,7 @@ fn encode_single<'a>(
                 }
             }
             Op::DescribeStatement(statement) => {
-                let (name, key) = batch.ensure(conn, statement);
+                let (name, key) = batch.ensure(conn, statement, false);
                 messages::target(&mut conn.wbuf, b'D', b'S', name.as_str());
                 let idx = batch.step(StepKind::DescribeStatement, true);
                 if let (true, Some(h)) = (statement.shared, key) {
@@ -586,6 +609,9 @@ impl Session {
             None => Target::Shard(self.describe_shard()),
             Some(sp) => {
                 self.dirty |= sp.session_effects;
+                if sp.kind == StatementKind::Other {
+                    self.schema_touched = true;
+                }
                 let param = |(i, value)| Param {
                     value,
                     binary: b.is_binary(i),
@@ -802,6 +828,12 @@ impl Session {
         if self.pending.groups.is_empty() {
             self.pending.groups = groups;
         }
+        if self.schema_touched {
+            self.schema_may_change();
+            // Outside a block its implicit transaction commits at the Sync: the epoch
+            // moves on again then.
+            self.schema_touched = !sync;
+        }
         if !sync {
             if self.pending.failed {
                 self.skipping = true;
@@ -862,6 +894,11 @@ impl Session {
             self.fail(e);
             return Ok(false);
         }
+        // The batch can be run again after an error only if it is all of the shard's
+        // implicit transaction (nothing sent since the client's last Sync: what ran
+        // before would have been rolled back by the error) and no transaction block
+        // is open (the error failed it).
+        let may_rerun = sync && !self.pending.unsynced.contains(&shard) && self.txn.is_none();
         if sync {
             self.pending.unsynced.remove(&shard);
         } else {
@@ -871,7 +908,13 @@ impl Session {
         let mut steps = std::mem::take(&mut self.steps);
         let mut uses = std::mem::take(&mut self.statement_uses);
         // What the client is owed so far, to take back if the batch is run again.
-        let (mark, flushes) = (self.client.wbuf.len(), self.client.flushes);
+        let (mark, flushes, flush_soon) = (
+            self.client.wbuf.len(),
+            self.client.flushes,
+            self.client.flush_soon,
+        );
+        self.client.hold_first_error = may_rerun;
+        let epoch = self.shared.schema_epoch();
         let mut retried = false;
         // Settings changed inside the open block, or by a statement the router cannot
         // follow, are not in the connection's fingerprint yet.
@@ -880,8 +923,12 @@ impl Session {
             let Some(conn) = self.held.get_mut(&shard) else {
                 break (Ok(crate::merge::Outcome::default()), false);
             };
-            let seen = &self.shared.seen_texts;
-            let batch = encode_single(conn, ops, sync, settings_known, seen, &mut steps, &mut uses);
+            let kept = KeptStatements {
+                settings_known,
+                epoch,
+                seen: &self.shared.seen_texts,
+            };
+            let batch = encode_single(conn, ops, sync, kept, &mut steps, &mut uses);
             let (router_error, first_forwarded) = (batch.router_error, batch.first_forwarded);
             let result = match conn.flush().await {
                 Ok(()) => relay_single(conn, &mut self.client, &mut steps).await,
@@ -900,37 +947,36 @@ impl Session {
                     conn.prepared.remove(hash);
                 }
             }
-            let stale = out.stale_plan.then(|| {
-                uses.iter()
-                    .find(|(kind, idx, _)| *kind == Use::Shared && *idx == failed_at)
-                    .map(|u| u.2)
-            });
-            let Some(Some(hash)) = stale else {
+            // An error at a kept statement: PostgreSQL revalidates a kept statement
+            // against the current schema with the parameter types it inferred when the
+            // statement was made, so after DDL it can fail where a fresh parse would not
+            // ("cached plan must not change result type", or an operator that no longer
+            // exists for the old type). The statement is dropped from the connection;
+            // when the batch can run again and nothing but the error reached the client,
+            // it runs again with the statement parsed afresh, as PostgreSQL parses the
+            // unnamed statement. An error the fresh parse gives too is then reported.
+            let kept = uses
+                .iter()
+                .find(|(kind, idx, _)| *kind == Use::Shared && *idx == failed_at);
+            let Some(&(_, _, hash)) = kept else {
                 break (result, router_error);
             };
-            // A shared statement outlived a change to the columns it returns. It is
-            // dropped from this connection; when nothing but the error reached the
-            // client and no transaction block was hurt, the batch runs again with the
-            // statement parsed afresh, as PostgreSQL would have parsed the unnamed
-            // statement.
             conn.prepared.remove(&hash);
             conn.stale.push(hash);
-            let rerun = !retried
-                && sync
-                && self.txn.is_none()
+            let rerun = may_rerun
+                && !retried
                 && first_forwarded == Some(failed_at)
+                && !out.async_frames
                 && self.client.flushes == flushes;
             if !rerun {
                 break (result, router_error);
             }
-            tracing::debug!(
-                shard,
-                "statement outlived a schema change; running the batch again"
-            );
+            tracing::debug!(shard, "a kept statement failed; running the batch again");
             self.client.wbuf.truncate(mark);
-            self.client.flush_soon = false;
+            self.client.flush_soon = flush_soon;
             retried = true;
         };
+        self.client.hold_first_error = false;
         self.steps = steps;
         self.statement_uses = uses;
         let ok = self.finish_relay(&[shard], result)?;

@@ -50,6 +50,10 @@ pub struct Shared {
     /// Unnamed statement texts run before (kept on server connections from their second
     /// use on).
     pub seen_texts: extended::SeenTexts,
+    /// Bumped after every utility statement (DDL and the like) that ran through the
+    /// router: statements kept on server connections are named with it, so none made
+    /// before a schema change is used after it.
+    schema_epoch: std::sync::atomic::AtomicU64,
     /// ParameterStatus values of the default shard, learned from its first connection.
     server_params: Mutex<Option<Vec<(String, String)>>>,
 }
@@ -72,8 +76,19 @@ impl Shared {
             session_pooling: false,
             reuse_unnamed_statements: true,
             seen_texts: Default::default(),
+            schema_epoch: Default::default(),
             server_params: Mutex::new(None),
         }
+    }
+
+    pub fn schema_epoch(&self) -> u64 {
+        self.schema_epoch.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A utility statement ran (or its transaction block ended): the schema may differ.
+    pub fn schema_changed(&self) {
+        self.schema_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The default shard's ParameterStatus values, or PostgreSQL 15's defaults if no

@@ -28,7 +28,7 @@ use crate::topology::ShardId;
 
 /// Server-side prepared statements a pooled connection may accumulate before they are
 /// dropped (and re-created on demand).
-const MAX_PREPARED_PER_CONN: usize = 2000;
+pub(super) const MAX_PREPARED_PER_CONN: usize = 2000;
 
 /// Run a client connection from handshake to goodbye.
 pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr) {
@@ -65,6 +65,7 @@ pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr
         pending: Default::default(),
         steps: VecDeque::new(),
         statement_uses: Vec::new(),
+        schema_touched: false,
         id: pid,
         dirty: false,
     };
@@ -141,6 +142,9 @@ pub struct Txn {
     pub pending: Option<Settings>,
     /// Opened by the router around a multi-statement query, not by the client.
     pub implicit: bool,
+    /// A utility statement (DDL, …) ran in this block: the schema may differ once it
+    /// ends.
+    pub schema_changed: bool,
 }
 
 impl Txn {
@@ -152,6 +156,7 @@ impl Txn {
             writer: None,
             pending: None,
             implicit,
+            schema_changed: false,
         }
     }
 
@@ -184,6 +189,9 @@ pub struct Session {
     /// Answers expected from shards for the statement being relayed (kept between
     /// statements for its allocation).
     pub steps: VecDeque<Step>,
+    /// A utility statement was bound in the pending extended-protocol batch: the
+    /// schema epoch moves on once the batch has run.
+    pub schema_touched: bool,
     /// What statements did in the batch being relayed (reused, like `steps`).
     pub statement_uses: Vec<(super::extended::Use, usize, u64)>,
     /// This session's key (the pid handed to the client).
@@ -589,9 +597,22 @@ impl Session {
             }
             _ => {
                 self.dirty |= stmt.session_effects;
-                self.run_routed(stmt, text).await
+                let ok = self.run_routed(stmt, text).await?;
+                if stmt.kind == StatementKind::Other {
+                    self.schema_may_change();
+                }
+                Ok(ok)
             }
         }
+    }
+
+    /// A utility statement ran: statements kept on server connections are not used
+    /// again (now, and once the open transaction block ends).
+    pub(super) fn schema_may_change(&mut self) {
+        if let Some(t) = self.txn.as_mut() {
+            t.schema_changed = true;
+        }
+        self.shared.schema_changed();
     }
 
     /// End the open transaction block on every shard it reached. Returns whether it
@@ -605,6 +626,7 @@ impl Session {
             return Ok(true);
         };
         let word = if commit { "COMMIT" } else { "ROLLBACK" };
+        let schema_changed = txn.schema_changed;
         // Read-only shards first, the one that wrote last: if a commit must fail, it
         // fails before the writes are committed.
         let mut order: Vec<ShardId> = self
@@ -658,6 +680,10 @@ impl Session {
             if c.settings != u64::MAX {
                 c.settings = fp;
             }
+        }
+        if schema_changed {
+            // The block's DDL is visible to everyone only now.
+            self.shared.schema_changed();
         }
         let _ = explicit;
         self.release();

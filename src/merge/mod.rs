@@ -84,9 +84,8 @@ pub struct Outcome {
     /// How many server steps completed before the first error (the index of the step
     /// that failed).
     pub failed_step: Option<usize>,
-    /// The error was PostgreSQL's "cached plan must not change result type": a statement
-    /// kept on the connection outlived a change to a table it reads.
-    pub stale_plan: bool,
+    /// A notice, ParameterStatus or notification was relayed.
+    pub async_frames: bool,
 }
 
 /// Why a relay stopped early.

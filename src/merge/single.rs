@@ -33,6 +33,7 @@ pub async fn relay_single(
                 client.wbuf.extend_from_slice(conn.frame(n));
                 conn.consume(n);
                 client.flush_soon = true;
+                out.async_frames = true;
             }
             b'Z' if kind.is_terminal(tag) => {
                 conn.consume(n);
@@ -41,13 +42,10 @@ pub async fn relay_single(
             }
             b'E' => {
                 let frame = conn.read_raw_buffered(n);
-                if !out.error {
-                    out.stale_plan = crate::protocol::error::is_stale_plan(&frame[5..]);
-                }
-                // An error goes to the client at once, as PostgreSQL sends it, except a
-                // stale kept statement's: the session may take it back and run the batch
-                // again, so it waits for the batch's end (at most until ReadyForQuery).
-                if !out.stale_plan {
+                // An error goes to the client at once, as PostgreSQL sends it, unless the
+                // session may take it back and run the batch again (its Sync is on the way,
+                // so it waits at most until ReadyForQuery).
+                if out.error || !client.hold_first_error {
                     client.flush_soon = true;
                 }
                 match super::client_error(&frame, &conn.shard_name) {

@@ -113,54 +113,10 @@ pub fn summarize_error(body: &[u8]) -> (String, String) {
     (code, msg)
 }
 
-/// Whether an ErrorResponse body is PostgreSQL's refusal to run a prepared statement
-/// whose result columns changed since it was prepared (`0A000`, "cached plan must not
-/// change result type"): a statement kept on a server connection outlived DDL. Known by
-/// the routine that raises it (the message is translated under other `lc_messages`).
-pub fn is_stale_plan(body: &[u8]) -> bool {
-    let mut code = false;
-    let mut known = false;
-    for field in body.split(|b| *b == 0) {
-        match field.split_first() {
-            Some((b'C', v)) => code = v == super::sqlstate::FEATURE_NOT_SUPPORTED.as_bytes(),
-            Some((b'R', v)) => known |= v == b"RevalidateCachedQuery",
-            Some((b'M', v)) => known |= v.starts_with(b"cached plan must not change result type"),
-            _ => {}
-        }
-    }
-    code && known
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::protocol::sqlstate;
-
-    #[test]
-    fn stale_plan_errors() {
-        let body = |code: &'static str, msg: &str| {
-            let mut b = BytesMut::new();
-            PgError::error(code, msg).encode(&mut b);
-            b[5..].to_vec()
-        };
-        let stale = "cached plan must not change result type";
-        assert!(is_stale_plan(&body(sqlstate::FEATURE_NOT_SUPPORTED, stale)));
-        assert!(!is_stale_plan(&body(
-            sqlstate::FEATURE_NOT_SUPPORTED,
-            "other"
-        )));
-        assert!(!is_stale_plan(&body(sqlstate::SYNTAX_ERROR, stale)));
-        // A translated message (lc_messages): the routine field tells.
-        let german: &[u8] = b"SFEHLER\0VERROR\0C0A000\0Mgecachter Plan darf den \
-                              Ergebnistyp nicht \xc3\xa4ndern\0Fplancache.c\0L730\0\
-                              RRevalidateCachedQuery\0\0";
-        assert!(is_stale_plan(german));
-        let without_routine = &german[..german.len() - "RRevalidateCachedQuery\0\0".len()];
-        assert!(
-            !is_stale_plan(without_routine),
-            "no routine, no English text"
-        );
-    }
 
     #[test]
     fn error_response_fields() {
