@@ -287,6 +287,11 @@ async fn ddl_through_the_router_retires_kept_statements() {
         assert_eq!(unnamed_value(&mut a, sql).await, "1");
     }
     assert_eq!(kept_on_s0(&mut a, sql).await, "1/sw_/1");
+    // Maintenance changes no names or types: the statement stays.
+    let got = a.query("ANALYZE st_epoch").await;
+    assert!(!got.iter().any(|m| m.tag == b'E'), "{}", raw_show(&got));
+    assert_eq!(unnamed_value(&mut a, sql).await, "1");
+    assert_eq!(kept_on_s0(&mut a, sql).await, "1/sw_/2");
     let got = a
         .query("ALTER TABLE st_epoch ADD COLUMN b int DEFAULT 2")
         .await;
@@ -295,7 +300,7 @@ async fn ddl_through_the_router_retires_kept_statements() {
     // one would have been closed and re-made under the same name: one statement).
     let got = unnamed(&mut a, sql).await;
     assert_eq!(columns(&got), Some(vec!["a".to_string(), "b".to_string()]));
-    assert_eq!(kept_on_s0(&mut a, sql).await, "2/sw_/2");
+    assert_eq!(kept_on_s0(&mut a, sql).await, "2/sw_/3");
     drop(a);
     r.stop().await;
     drop_table_s0("st_epoch").await;

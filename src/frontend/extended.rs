@@ -609,7 +609,7 @@ impl Session {
             None => Target::Shard(self.describe_shard()),
             Some(sp) => {
                 self.dirty |= sp.session_effects;
-                if sp.kind == StatementKind::Other {
+                if super::session::may_change_schema(sp, &stmt.sql) {
                     self.schema_touched = true;
                 }
                 let param = |(i, value)| Param {

@@ -347,7 +347,7 @@ impl Session {
         }
         let mut c = self.shared.pools.checkout(shard).await?;
         let wanted = self.settings.fingerprint();
-        if c.prepared.len() > MAX_PREPARED_PER_CONN || c.settings != wanted || self.txn.is_some() {
+        if c.prepared.len() >= MAX_PREPARED_PER_CONN || c.settings != wanted || self.txn.is_some() {
             // Boxed: rare work with futures of its own, kept out of every request's.
             Box::pin(self.prepare_conn(&mut c, wanted)).await?;
         }
@@ -365,7 +365,7 @@ impl Session {
     /// Bring a checked-out connection to this session's state: bounded statements,
     /// this client's settings, and inside its transaction block if one is open.
     async fn prepare_conn(&self, c: &mut Checkout, wanted: u64) -> Result<(), StmtError> {
-        if c.prepared.len() > MAX_PREPARED_PER_CONN {
+        if c.prepared.len() >= MAX_PREPARED_PER_CONN {
             // Each client's named statements live on the connections it used; keep
             // their number bounded.
             if let Some(err) = c.run_quiet("DEALLOCATE ALL").await? {
@@ -598,7 +598,7 @@ impl Session {
             _ => {
                 self.dirty |= stmt.session_effects;
                 let ok = self.run_routed(stmt, text).await?;
-                if stmt.kind == StatementKind::Other {
+                if may_change_schema(stmt, text) {
                     self.schema_may_change();
                 }
                 Ok(ok)
@@ -1033,4 +1033,38 @@ fn savepoint_tag(text: &str) -> &'static str {
     } else {
         "SAVEPOINT"
     }
+}
+
+/// Whether a statement can change what other statements' names resolve to or what types
+/// they have: utility statements (DDL, DO, CALL, …) except the common ones that cannot
+/// (COPY, VACUUM, ANALYZE, LISTEN/NOTIFY, cursors, SQL-level PREPARE/EXECUTE, LOCK, …),
+/// so that bulk loads and maintenance do not retire every kept statement.
+pub(super) fn may_change_schema(stmt: &StatementPlan, sql: &str) -> bool {
+    const NEUTRAL: [&str; 16] = [
+        "COPY",
+        "VACUUM",
+        "ANALYZE",
+        "ANALYSE",
+        "LISTEN",
+        "NOTIFY",
+        "UNLISTEN",
+        "CHECKPOINT",
+        "LOCK",
+        "DECLARE",
+        "FETCH",
+        "MOVE",
+        "CLOSE",
+        "PREPARE",
+        "EXECUTE",
+        "DEALLOCATE",
+    ];
+    if stmt.kind != StatementKind::Other {
+        return false;
+    }
+    let text = stmt.text(sql).trim_start();
+    let word = text
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or_default();
+    !NEUTRAL.iter().any(|n| n.eq_ignore_ascii_case(word))
 }
