@@ -1068,3 +1068,62 @@ async fn vacuum_fans_out() {
         .expect("after VACUUM");
     r.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// 16. With session pooling, a SET outside a block reaches every connection the client
+//     holds, not only the default shard's.
+
+#[tokio::test]
+async fn session_pooling_set_reaches_every_held_connection() {
+    common::ensure_schema().await;
+    let mut opts = common::options();
+    opts.session_pooling = true;
+    let r = shardwire::server::start(opts).await.expect("router starts");
+    let c = common::connect(&r).await;
+    let tz_on = |shard: usize| {
+        format!(
+            "SELECT current_setting('TimeZone') FROM users WHERE user_id = {}",
+            key_on(shard, 7_600_000)
+        )
+    };
+    // A user on every shard, and a connection to every shard held (session pooling
+    // keeps them).
+    for s in 0..common::SHARD_PORTS.len() {
+        let k = key_on(s, 7_600_000);
+        c.batch_execute(&format!(
+            "DELETE FROM users WHERE user_id = {k}; \
+             INSERT INTO users (user_id, name, email) VALUES ({k}, 'rg16', 'rg16@x')"
+        ))
+        .await
+        .expect("user on the shard");
+        c.simple_query(&tz_on(s)).await.expect("touch shard");
+    }
+    c.batch_execute("SET TimeZone = 'Asia/Kolkata'")
+        .await
+        .expect("SET");
+    for s in 0..common::SHARD_PORTS.len() {
+        let got = c.simple_query(&tz_on(s)).await.expect("read TimeZone");
+        let rows: Vec<_> = got
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec!["Asia/Kolkata".to_string()],
+            "TimeZone on shard {s}"
+        );
+    }
+    for s in 0..common::SHARD_PORTS.len() {
+        c.batch_execute(&format!(
+            "DELETE FROM users WHERE user_id = {}",
+            key_on(s, 7_600_000)
+        ))
+        .await
+        .expect("cleanup");
+    }
+    drop(c);
+    r.stop().await;
+}

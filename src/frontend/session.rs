@@ -744,7 +744,10 @@ impl Session {
             return Ok(false);
         }
         let is_reset = matches!(stmt.kind, StatementKind::Reset { .. });
-        let shards: Vec<ShardId> = if self.txn.is_some() && !self.held.is_empty() {
+        // Every connection the client holds (in a block, or all the time with session
+        // pooling) must carry the setting; with none held, the default shard checks it
+        // and connections taken later are set up on checkout.
+        let shards: Vec<ShardId> = if !self.held.is_empty() {
             self.held.keys().copied().collect()
         } else {
             vec![self.shared.router.load().topology().default_shard]
