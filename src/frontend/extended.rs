@@ -7,7 +7,7 @@
 //! text and parameter types, so a connection parses it once however many clients use it.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -219,8 +219,8 @@ pub enum Use {
     Shared,
 }
 
-/// Writes a group's messages for one connection and queues the steps that answer them.
-struct SingleBatch<'a> {
+/// Writes a group's messages and queues the steps that answer them.
+struct Batch<'a> {
     steps: &'a mut VecDeque<Step>,
     uses: &'a mut Vec<(Use, usize, u64)>,
     /// Server steps queued so far.
@@ -246,7 +246,24 @@ struct KeptStatements<'a> {
     seen: &'a SeenTexts,
 }
 
-impl SingleBatch<'_> {
+impl<'a> Batch<'a> {
+    fn new(
+        steps: &'a mut VecDeque<Step>,
+        uses: &'a mut Vec<(Use, usize, u64)>,
+        settings: u64,
+        kept: KeptStatements<'a>,
+    ) -> Batch<'a> {
+        Batch {
+            steps,
+            uses,
+            server_steps: 0,
+            first_forwarded: None,
+            router_error: false,
+            settings,
+            kept,
+        }
+    }
+
     /// Queue the answer to a message sent to the server; returns its step index.
     fn step(&mut self, kind: StepKind, forward: bool) -> usize {
         if forward && self.first_forwarded.is_none() {
@@ -259,20 +276,22 @@ impl SingleBatch<'_> {
 
     /// The statement's name on this connection, creating it there first unless it
     /// exists. The client's unnamed statement (when not shared) is parsed for each use,
-    /// as PostgreSQL itself does.
+    /// as PostgreSQL itself does; so is every statement when `prepared` is `None` (a
+    /// batch sent to several shards at once, whose answers must line up step for step).
     /// `record`: this use counts toward the text's "run before" (a Bind does; a
     /// Describe, which usually precedes the Bind of the same text, does not).
     fn ensure(
         &mut self,
-        conn: &mut crate::backend::ServerConn,
+        out: &mut BytesMut,
+        prepared: Option<&mut HashSet<u64>>,
         st: &PreparedStatement,
         record: bool,
     ) -> (ServerName, Option<u64>) {
         let mut key = st.server_key(self.settings, self.kept.epoch);
-        if let Some(h) = key {
+        if let (Some(h), Some(prepared)) = (key, prepared.as_deref()) {
             if st.shared
-                && !conn.prepared.contains(&h)
-                && (conn.prepared.len() >= super::session::MAX_PREPARED_PER_CONN
+                && !prepared.contains(&h)
+                && (prepared.len() >= super::session::MAX_PREPARED_PER_CONN
                     || !self.kept.seen.seen_before(st.hash, record))
             {
                 // A text run for the first time may never come back, and a connection
@@ -280,19 +299,77 @@ impl SingleBatch<'_> {
                 key = None;
             }
         }
-        let name = ServerName::new(key);
-        let create = match key {
-            None => true,
-            Some(h) => conn.prepared.insert(h),
+        let (key, create) = match (key, prepared) {
+            (Some(h), Some(prepared)) => (Some(h), prepared.insert(h)),
+            _ => (None, true),
         };
+        let name = ServerName::new(key);
         if create {
-            messages::parse(&mut conn.wbuf, name.as_str(), &st.sql, &st.param_types);
+            messages::parse(out, name.as_str(), &st.sql, &st.param_types);
             let idx = self.step(StepKind::Parse, false);
             if let Some(h) = key {
                 self.uses.push((Use::Created, idx, h));
             }
         }
         (name, key)
+    }
+
+    /// Write `ops` to `out`, each statement named as `ensure` decides, then Sync (or
+    /// Flush, so the shard answers now; its Sync comes with the client's).
+    fn encode(
+        &mut self,
+        out: &mut BytesMut,
+        mut prepared: Option<&mut HashSet<u64>>,
+        ops: &[Op],
+        sync: bool,
+    ) {
+        for op in ops {
+            match op {
+                Op::Bind {
+                    portal,
+                    statement,
+                    rest,
+                } => {
+                    let (name, key) = self.ensure(out, prepared.as_deref_mut(), statement, true);
+                    messages::rebind(out, portal, name.as_str(), rest);
+                    let idx = self.step(StepKind::Bind, true);
+                    if let (true, Some(h)) = (statement.shared, key) {
+                        self.uses.push((Use::Shared, idx, h));
+                    }
+                }
+                Op::DescribeStatement(statement) => {
+                    let (name, key) = self.ensure(out, prepared.as_deref_mut(), statement, false);
+                    messages::target(out, b'D', b'S', name.as_str());
+                    let idx = self.step(StepKind::DescribeStatement, true);
+                    if let (true, Some(h)) = (statement.shared, key) {
+                        self.uses.push((Use::Shared, idx, h));
+                    }
+                }
+                Op::DescribePortal(p) => {
+                    messages::target(out, b'D', b'P', p);
+                    self.step(StepKind::DescribePortal, true);
+                }
+                Op::Execute(p, n) => {
+                    messages::execute(out, p, *n);
+                    self.step(StepKind::Execute, true);
+                }
+                Op::ClosePortal(p) => {
+                    messages::target(out, b'C', b'P', p);
+                    self.step(StepKind::Close, true);
+                }
+                Op::Synthetic(b) => self.steps.push_back(Step::Synthetic(b.clone())),
+                Op::Error(b) => {
+                    self.router_error = true;
+                    self.steps.push_back(Step::Synthetic(b.clone()));
+                }
+            }
+        }
+        if sync {
+            messages::empty_message(out, b'S');
+            self.step(StepKind::Sync, false);
+        } else {
+            messages::empty_message(out, b'H');
+        }
     }
 }
 
@@ -305,22 +382,15 @@ fn encode_single<'a>(
     kept: KeptStatements<'a>,
     steps: &'a mut VecDeque<Step>,
     uses: &'a mut Vec<(Use, usize, u64)>,
-) -> SingleBatch<'a> {
+) -> Batch<'a> {
     steps.clear();
     uses.clear();
-    let mut batch = SingleBatch {
-        steps,
-        uses,
-        server_steps: 0,
-        first_forwarded: None,
-        router_error: false,
-        settings: if kept.settings_known {
-            conn.settings
-        } else {
-            u64::MAX
-        },
-        kept,
+    let settings = if kept.settings_known {
+        conn.settings
+    } else {
+        u64::MAX
     };
+    let mut batch = Batch::new(steps, uses, settings, kept);
     for hash in std::mem::take(&mut conn.stale) {
         messages::target(
             &mut conn.wbuf,
@@ -330,54 +400,7 @@ fn encode_single<'a>(
         );
         batch.step(StepKind::Close, false);
     }
-    for op in ops {
-        match op {
-            Op::Bind {
-                portal,
-                statement,
-                rest,
-            } => {
-                let (name, key) = batch.ensure(conn, statement, true);
-                messages::rebind(&mut conn.wbuf, portal, name.as_str(), rest);
-                let idx = batch.step(StepKind::Bind, true);
-                if let (true, Some(h)) = (statement.shared, key) {
-                    batch.uses.push((Use::Shared, idx, h));
-                }
-            }
-            Op::DescribeStatement(statement) => {
-                let (name, key) = batch.ensure(conn, statement, false);
-                messages::target(&mut conn.wbuf, b'D', b'S', name.as_str());
-                let idx = batch.step(StepKind::DescribeStatement, true);
-                if let (true, Some(h)) = (statement.shared, key) {
-                    batch.uses.push((Use::Shared, idx, h));
-                }
-            }
-            Op::DescribePortal(p) => {
-                messages::target(&mut conn.wbuf, b'D', b'P', p);
-                batch.step(StepKind::DescribePortal, true);
-            }
-            Op::Execute(p, n) => {
-                messages::execute(&mut conn.wbuf, p, *n);
-                batch.step(StepKind::Execute, true);
-            }
-            Op::ClosePortal(p) => {
-                messages::target(&mut conn.wbuf, b'C', b'P', p);
-                batch.step(StepKind::Close, true);
-            }
-            Op::Synthetic(b) => batch.steps.push_back(Step::Synthetic(b.clone())),
-            Op::Error(b) => {
-                batch.router_error = true;
-                batch.steps.push_back(Step::Synthetic(b.clone()));
-            }
-        }
-    }
-    if sync {
-        messages::empty_message(&mut conn.wbuf, b'S');
-        batch.step(StepKind::Sync, false);
-    } else {
-        // Flush, so the shard answers now; its Sync comes with the client's.
-        messages::empty_message(&mut conn.wbuf, b'H');
-    }
+    batch.encode(&mut conn.wbuf, Some(&mut conn.prepared), ops, sync);
     batch
 }
 
@@ -999,77 +1022,19 @@ impl Session {
         // The same messages go to every shard; statements are sent unnamed each time so
         // every shard's answers line up step for step.
         let mut wire = BytesMut::new();
-        // The session's queue, reused: no allocation per batch.
+        // The session's queues, reused: no allocation per batch.
         let mut steps = std::mem::take(&mut self.steps);
+        let mut uses = std::mem::take(&mut self.statement_uses);
         steps.clear();
-        let mut router_error = false;
-        for op in ops {
-            match op {
-                Op::Bind {
-                    portal,
-                    statement,
-                    rest,
-                } => {
-                    messages::parse(&mut wire, "", &statement.sql, &statement.param_types);
-                    steps.push_back(Step::Server {
-                        kind: StepKind::Parse,
-                        forward: false,
-                    });
-                    messages::rebind(&mut wire, portal, "", rest);
-                    steps.push_back(Step::Server {
-                        kind: StepKind::Bind,
-                        forward: true,
-                    });
-                }
-                Op::DescribeStatement(statement) => {
-                    messages::parse(&mut wire, "", &statement.sql, &statement.param_types);
-                    steps.push_back(Step::Server {
-                        kind: StepKind::Parse,
-                        forward: false,
-                    });
-                    messages::target(&mut wire, b'D', b'S', "");
-                    steps.push_back(Step::Server {
-                        kind: StepKind::DescribeStatement,
-                        forward: true,
-                    });
-                }
-                Op::DescribePortal(p) => {
-                    messages::target(&mut wire, b'D', b'P', p);
-                    steps.push_back(Step::Server {
-                        kind: StepKind::DescribePortal,
-                        forward: true,
-                    });
-                }
-                Op::Execute(p, n) => {
-                    messages::execute(&mut wire, p, *n);
-                    steps.push_back(Step::Server {
-                        kind: StepKind::Execute,
-                        forward: true,
-                    });
-                }
-                Op::ClosePortal(p) => {
-                    messages::target(&mut wire, b'C', b'P', p);
-                    steps.push_back(Step::Server {
-                        kind: StepKind::Close,
-                        forward: true,
-                    });
-                }
-                Op::Synthetic(b) => steps.push_back(Step::Synthetic(b.clone())),
-                Op::Error(b) => {
-                    router_error = true;
-                    steps.push_back(Step::Synthetic(b.clone()));
-                }
-            }
-        }
-        if sync {
-            messages::empty_message(&mut wire, b'S');
-            steps.push_back(Step::Server {
-                kind: StepKind::Sync,
-                forward: false,
-            });
-        } else {
-            messages::empty_message(&mut wire, b'H');
-        }
+        let kept = KeptStatements {
+            settings_known: false,
+            epoch: 0,
+            seen: &self.shared.seen_texts,
+        };
+        let mut batch = Batch::new(&mut steps, &mut uses, u64::MAX, kept);
+        batch.encode(&mut wire, None, ops, sync);
+        let router_error = batch.router_error;
+        self.statement_uses = uses;
         let mut conns = Vec::with_capacity(shards.len());
         for (id, c) in self.held.iter_mut() {
             if shards.contains(id) {
@@ -1088,6 +1053,7 @@ impl Session {
             Ok(()) => relay_multi(&mut conns, &mut self.client, &mut steps, combine).await,
             Err(e) => Err(RelayError::Backend(e)),
         };
+        self.steps = steps;
         for s in shards {
             if sync {
                 self.pending.unsynced.remove(s);
