@@ -307,6 +307,34 @@ async fn ddl_through_the_router_retires_kept_statements() {
 }
 
 #[tokio::test]
+async fn statements_later_in_a_multi_statement_query_are_judged_by_their_own_text() {
+    fresh_table_s0("st_multi", "a int").await;
+    on_s0("INSERT INTO st_multi VALUES (1)").await;
+    let r = router_pool1().await;
+    let sql = "select * from st_multi";
+    let mut a = RawClient::connect(&r).await;
+    for _ in 0..2 {
+        assert_eq!(unnamed_value(&mut a, sql).await, "1");
+    }
+    // Maintenance as the second statement: no schema change, the statement stays.
+    let got = a.query("SELECT 1; ANALYZE st_multi").await;
+    assert!(!got.iter().any(|m| m.tag == b'E'), "{}", raw_show(&got));
+    assert_eq!(unnamed_value(&mut a, sql).await, "1");
+    assert_eq!(kept_on_s0(&mut a, sql).await, "1/sw_/2");
+    // DDL as the second statement: a new statement under the new schema epoch.
+    let got = a
+        .query("SELECT 1; ALTER TABLE st_multi ADD COLUMN b int DEFAULT 2")
+        .await;
+    assert!(!got.iter().any(|m| m.tag == b'E'), "{}", raw_show(&got));
+    let got = unnamed(&mut a, sql).await;
+    assert_eq!(columns(&got), Some(vec!["a".to_string(), "b".to_string()]));
+    assert_eq!(kept_on_s0(&mut a, sql).await, "2/sw_/3");
+    drop(a);
+    r.stop().await;
+    drop_table_s0("st_multi").await;
+}
+
+#[tokio::test]
 async fn a_failed_kept_statement_never_hides_a_lost_write() {
     fresh_table_s0("st_lost", "a int").await;
     fresh_table_s0("st_lost_log", "n int").await;

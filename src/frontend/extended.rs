@@ -632,7 +632,7 @@ impl Session {
             None => Target::Shard(self.describe_shard()),
             Some(sp) => {
                 self.dirty |= sp.session_effects;
-                if super::session::may_change_schema(sp, &stmt.sql) {
+                if super::session::may_change_schema(sp, sp.text(&stmt.sql)) {
                     self.schema_touched = true;
                 }
                 let param = |(i, value)| Param {

@@ -1041,8 +1041,9 @@ fn savepoint_tag(text: &str) -> &'static str {
 /// Whether a statement can change what other statements' names resolve to or what types
 /// they have: utility statements (DDL, DO, CALL, …) except the common ones that cannot
 /// (COPY, VACUUM, ANALYZE, LISTEN/NOTIFY, cursors, SQL-level PREPARE/EXECUTE, LOCK, …),
-/// so that bulk loads and maintenance do not retire every kept statement.
-pub(super) fn may_change_schema(stmt: &StatementPlan, sql: &str) -> bool {
+/// so that bulk loads and maintenance do not retire every kept statement. `text` is the
+/// statement's own text.
+pub(super) fn may_change_schema(stmt: &StatementPlan, text: &str) -> bool {
     const NEUTRAL: [&str; 16] = [
         "COPY",
         "VACUUM",
@@ -1064,8 +1065,8 @@ pub(super) fn may_change_schema(stmt: &StatementPlan, sql: &str) -> bool {
     if stmt.kind != StatementKind::Other {
         return false;
     }
-    let text = stmt.text(sql).trim_start();
     let word = text
+        .trim_start()
         .split(|c: char| !c.is_ascii_alphabetic())
         .next()
         .unwrap_or_default();
