@@ -5,7 +5,6 @@
 //! which prepared statements exist, which session settings are applied) so the pool can
 //! tell whether it may be reused.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -49,7 +48,7 @@ pub struct ServerConn {
     /// unread results); the pool drops it instead of reusing it.
     pub broken: bool,
     /// Server-side prepared statements that exist on this connection (by our hash name).
-    pub prepared: HashSet<u64>,
+    pub prepared: foldhash::HashSet<u64>,
     /// Statements (by hash name) that still exist on the server but must not be used
     /// again: closed before this connection's next batch.
     pub stale: Vec<u64>,
@@ -100,7 +99,7 @@ impl ServerConn {
             params: Vec::new(),
             status: b'I',
             broken: false,
-            prepared: HashSet::new(),
+            prepared: Default::default(),
             stale: Vec::new(),
             settings: 0,
             in_flight: false,

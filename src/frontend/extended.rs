@@ -7,7 +7,7 @@
 //! text and parameter types, so a connection parses it once however many clients use it.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -283,24 +283,26 @@ impl<'a> Batch<'a> {
     fn ensure(
         &mut self,
         out: &mut BytesMut,
-        prepared: Option<&mut HashSet<u64>>,
+        prepared: Option<&mut foldhash::HashSet<u64>>,
         st: &PreparedStatement,
         record: bool,
     ) -> (ServerName, Option<u64>) {
-        let mut key = st.server_key(self.settings, self.kept.epoch);
-        if let (Some(h), Some(prepared)) = (key, prepared.as_deref()) {
-            if st.shared
-                && !prepared.contains(&h)
-                && (prepared.len() >= super::session::MAX_PREPARED_PER_CONN
-                    || !self.kept.seen.seen_before(st.hash, record))
-            {
-                // A text run for the first time may never come back, and a connection
-                // holding the most statements it may takes no more: parsed unnamed.
-                key = None;
+        let (key, create) = match (st.server_key(self.settings, self.kept.epoch), prepared) {
+            (Some(h), Some(prepared)) if prepared.contains(&h) => (Some(h), false),
+            (Some(h), Some(prepared)) => {
+                if st.shared
+                    && (prepared.len() >= super::session::MAX_PREPARED_PER_CONN
+                        || !self.kept.seen.seen_before(st.hash, record))
+                {
+                    // A text run for the first time may never come back, and a
+                    // connection holding the most statements it may takes no more:
+                    // parsed unnamed.
+                    (None, true)
+                } else {
+                    prepared.insert(h);
+                    (Some(h), true)
+                }
             }
-        }
-        let (key, create) = match (key, prepared) {
-            (Some(h), Some(prepared)) => (Some(h), prepared.insert(h)),
             _ => (None, true),
         };
         let name = ServerName::new(key);
@@ -319,7 +321,7 @@ impl<'a> Batch<'a> {
     fn encode(
         &mut self,
         out: &mut BytesMut,
-        mut prepared: Option<&mut HashSet<u64>>,
+        mut prepared: Option<&mut foldhash::HashSet<u64>>,
         ops: &[Op],
         sync: bool,
     ) {
