@@ -521,6 +521,9 @@ write_report() { # file
         echo "execution) is kept by shardwire as a named statement on each server connection"
         echo "(\`pool.reuse_unnamed_statements\`, on by default), so PostgreSQL parses and plans it"
         echo "once per connection; PgBouncer forwards each Parse, which PostgreSQL parses anew."
+        echo "Likewise a simple-protocol point SELECT whose only literal pins the shard key (\`-S\`"
+        echo "\`-M simple\`, the \`-c 1\` point read) runs as a kept statement with the key bound as"
+        echo "\`\$1\` (\`pool.prepare_point_queries\`, on by default); PgBouncer forwards the text."
         echo
         python3 "$REPO_ROOT/scripts/bench/report.py" table "$RUNS"
         echo

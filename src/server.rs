@@ -41,6 +41,8 @@ pub struct ServeOptions {
     pub session_pooling: bool,
     /// Keep clients' unnamed queries on server connections (pool.reuse_unnamed_statements).
     pub reuse_unnamed_statements: bool,
+    /// Run simple-protocol point SELECTs as kept statements (pool.prepare_point_queries).
+    pub prepare_point_queries: bool,
     /// How long shutdown waits for running sessions.
     pub grace: Duration,
 }
@@ -98,6 +100,7 @@ impl ServeOptions {
             session_pooling: cfg.pool.mode == crate::config::PoolMode::Session,
             max_message: cfg.pool.max_message_bytes,
             reuse_unnamed_statements: cfg.pool.reuse_unnamed_statements,
+            prepare_point_queries: cfg.pool.prepare_point_queries,
             grace: Duration::from_secs(10),
         })
     }
@@ -125,6 +128,7 @@ pub async fn start(opts: ServeOptions) -> std::io::Result<RunningRouter> {
     let mut shared = Shared::new(router, pools, users, opts.database, opts.max_message);
     shared.session_pooling = opts.session_pooling;
     shared.reuse_unnamed_statements = opts.reuse_unnamed_statements;
+    shared.prepare_point_queries = opts.prepare_point_queries;
     let shared = Arc::new(shared);
     let (tx, rx) = watch::channel(false);
     let task = tokio::spawn(frontend::run(listener, shared.clone(), rx, opts.grace));

@@ -134,6 +134,13 @@ pub struct PoolConfig {
     /// (custom plans first, a generic plan when it is no costlier).
     #[serde(default = "default_true")]
     pub reuse_unnamed_statements: bool,
+    /// Run a single-table SELECT sent with the simple protocol that pins the shard key to
+    /// its only literal (`… WHERE id = 42`) as a statement kept on server connections, with
+    /// the literal as its parameter, from the text's second shape-equal use on (default
+    /// true). The shard then parses and plans such queries once per connection, as it does
+    /// for prepared statements.
+    #[serde(default = "default_true")]
+    pub prepare_point_queries: bool,
 }
 
 impl Default for PoolConfig {
@@ -145,6 +152,7 @@ impl Default for PoolConfig {
             mode: PoolMode::default(),
             max_message_bytes: default_max_message_bytes(),
             reuse_unnamed_statements: true,
+            prepare_point_queries: true,
         }
     }
 }

@@ -128,6 +128,7 @@ fn pool_keys_are_read() {
             mode: PoolMode::Session,
             max_message_bytes: 65536,
             reuse_unnamed_statements: true,
+            prepare_point_queries: true,
         }
     );
     let bad = edit(

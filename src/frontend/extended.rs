@@ -52,11 +52,7 @@ impl PreparedStatement {
             // Unknown settings (u64::MAX): parsed afresh, unnamed. A new schema epoch
             // (DDL through the router) gives every kept statement a new name, so none
             // made before the change is used after it.
-            (settings != u64::MAX).then(|| {
-                self.hash
-                    ^ settings.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                    ^ epoch.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
-            })
+            shared_key(self.hash, settings, epoch)
         } else if self.unnamed {
             None
         } else {
@@ -74,6 +70,16 @@ impl PreparedStatement {
             None => false,
         }
     }
+}
+
+/// The name (see `ServerName`) of a statement shared by every client, identified by
+/// `hash` (`router::statement_hash`), on a connection with session settings `settings`
+/// in schema epoch `epoch`; `None` when the connection's settings are unknown.
+fn shared_key(hash: u64, settings: u64, epoch: u64) -> Option<u64> {
+    (settings != u64::MAX).then(|| {
+        hash ^ settings.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ epoch.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+    })
 }
 
 /// A statement's name on server connections, `sw_` and 16 hex digits (or empty for
@@ -575,22 +581,23 @@ impl Session {
             && self.shared.reuse_unnamed_statements
             && plan.statements.len() == 1
             && plan.statements[0].kind == StatementKind::Query;
-        let mut h = DefaultHasher::new();
-        if shared {
-            "shared".hash(&mut h);
+        let hash = if shared {
+            crate::router::statement_hash(p.sql, &p.param_types)
         } else {
+            let mut h = DefaultHasher::new();
             self.id.hash(&mut h);
             p.name.hash(&mut h);
-        }
-        p.sql.hash(&mut h);
-        p.param_types.hash(&mut h);
+            p.sql.hash(&mut h);
+            p.param_types.hash(&mut h);
+            h.finish()
+        };
         let stmt = PreparedStatement {
             unnamed: p.name.is_empty(),
             shared,
             sql: p.sql.to_owned(),
             param_types: p.param_types,
             plan,
-            hash: h.finish(),
+            hash,
         };
         self.statements.insert(p.name.to_owned(), Arc::new(stmt));
         self.add_op(Target::Local, synthetic(b'1'));
@@ -1006,6 +1013,102 @@ impl Session {
         self.statement_uses = uses;
         let ok = self.finish_relay(&[shard], result)?;
         Ok(ok && !router_error)
+    }
+
+    /// Run a point SELECT of the simple protocol (`StatementPlan::point_literal`) on
+    /// `shard` as the kept statement `bound` with `value` as its parameter, and relay
+    /// its answer as the answer to the simple query `text`. The text is sent as it is
+    /// instead the first time its shape is seen, when the connection's settings are
+    /// unknown or it holds the most statements it may; and again, in place of an answer
+    /// nobody saw yet, when the kept statement fails before it runs (a Parse or Bind
+    /// error: after DDL, say, or any error whose position would point into `bound`), so
+    /// the client always gets the answer and error text of its own query.
+    pub(super) async fn run_point(
+        &mut self,
+        shard: ShardId,
+        bound: &crate::router::BoundForm,
+        value: &str,
+        text: &str,
+    ) -> Result<bool, SessionError> {
+        if let Err(e) = self.conn_for(shard).await {
+            self.fail(e);
+            return Ok(false);
+        }
+        let epoch = self.shared.schema_epoch();
+        let Some(conn) = self.held.get_mut(&shard) else {
+            return Ok(false);
+        };
+        let Some(key) = shared_key(bound.hash, conn.settings, epoch) else {
+            return self.run_on(&[shard], text, Combine::Sum).await;
+        };
+        let create = !conn.prepared.contains(&key);
+        if create
+            && (conn.prepared.len() >= super::session::MAX_PREPARED_PER_CONN
+                || !self.shared.seen_texts.seen_before(bound.hash, true))
+        {
+            return self.run_on(&[shard], text, Combine::Sum).await;
+        }
+        let mut steps = std::mem::take(&mut self.steps);
+        steps.clear();
+        let server_step = |steps: &mut VecDeque<Step>, kind, forward| {
+            steps.push_back(Step::Server { kind, forward });
+            steps.len() - 1
+        };
+        for hash in std::mem::take(&mut conn.stale) {
+            let name = ServerName::new(Some(hash));
+            messages::target(&mut conn.wbuf, b'C', b'S', name.as_str());
+            server_step(&mut steps, StepKind::Close, false);
+        }
+        let name = ServerName::new(Some(key));
+        if create {
+            messages::parse(
+                &mut conn.wbuf,
+                name.as_str(),
+                &bound.sql,
+                &[crate::router::INT4_OID],
+            );
+            server_step(&mut steps, StepKind::Parse, false);
+            conn.prepared.insert(key);
+        }
+        messages::bind_one_text(&mut conn.wbuf, "", name.as_str(), value.as_bytes());
+        // The answers up to here are the kept statement's, not the query's: an error
+        // among them is the statement's, and the query runs as text instead.
+        let before_run = server_step(&mut steps, StepKind::Bind, false);
+        // A SELECT's portal always has a RowDescription, which the simple protocol sends
+        // before the rows.
+        messages::target(&mut conn.wbuf, b'D', b'P', "");
+        server_step(&mut steps, StepKind::DescribePortal, true);
+        messages::execute(&mut conn.wbuf, "", 0);
+        server_step(&mut steps, StepKind::Execute, true);
+        messages::empty_message(&mut conn.wbuf, b'S');
+        server_step(&mut steps, StepKind::Sync, false);
+        let (mark, flushes, flush_soon) = (
+            self.client.wbuf.len(),
+            self.client.flushes,
+            self.client.flush_soon,
+        );
+        self.client.hold_first_error = true;
+        let result = match conn.flush().await {
+            Ok(()) => relay_single(conn, &mut self.client, &mut steps).await,
+            Err(e) => Err(RelayError::Backend(e)),
+        };
+        self.client.hold_first_error = false;
+        self.steps = steps;
+        if let Ok(out) = &result {
+            if out.failed_step.is_some_and(|at| at <= before_run) {
+                // Dropped from the connection (closed before its next batch), and the
+                // query run as its text if nothing of this answer reached the client.
+                conn.prepared.remove(&key);
+                conn.stale.push(key);
+                if !out.async_frames && self.client.flushes == flushes {
+                    tracing::debug!(shard, "a kept point query failed; running its text");
+                    self.client.wbuf.truncate(mark);
+                    self.client.flush_soon = flush_soon;
+                    return self.run_on(&[shard], text, Combine::Sum).await;
+                }
+            }
+        }
+        self.finish_relay(&[shard], result)
     }
 
     async fn run_fanout(

@@ -47,6 +47,9 @@ pub struct Shared {
     /// Keep clients' unnamed queries on server connections under shared names
     /// (`pool.reuse_unnamed_statements`).
     pub reuse_unnamed_statements: bool,
+    /// Run simple-protocol point SELECTs as kept statements with the key literal as
+    /// their parameter (`pool.prepare_point_queries`).
+    pub prepare_point_queries: bool,
     /// Unnamed statement texts run before (kept on server connections from their second
     /// use on).
     pub seen_texts: extended::SeenTexts,
@@ -75,6 +78,7 @@ impl Shared {
             cancels: CancelRegistry::default(),
             session_pooling: false,
             reuse_unnamed_statements: true,
+            prepare_point_queries: true,
             seen_texts: Default::default(),
             schema_epoch: Default::default(),
             server_params: Mutex::new(None),

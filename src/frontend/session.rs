@@ -797,6 +797,12 @@ impl Session {
     /// Route a statement and run it.
     async fn run_routed(&mut self, stmt: &StatementPlan, text: &str) -> Result<bool, SessionError> {
         let router = self.shared.router.load_full();
+        // A point SELECT outside a block: the shard parses it once per connection.
+        if self.shared.prepare_point_queries && self.txn.is_none() && !self.dirty {
+            if let Some((shard, bound, value)) = stmt.point_literal(router.topology()) {
+                return self.run_point(shard, bound, value, text).await;
+            }
+        }
         let routed = match stmt.route_quiet(router.topology(), &[]) {
             Ok(r) => r,
             Err(e) => {

@@ -344,6 +344,20 @@ pub fn rebind(buf: &mut BytesMut, portal: &str, statement: &str, rest: &[u8]) {
     finish(buf, at);
 }
 
+/// Frontend Bind of `statement` to `portal` with one parameter in text format and every
+/// result column in text format.
+pub fn bind_one_text(buf: &mut BytesMut, portal: &str, statement: &str, value: &[u8]) {
+    let at = begin(buf, b'B');
+    put_cstr(buf, portal);
+    put_cstr(buf, statement);
+    buf.put_u16(0);
+    buf.put_u16(1);
+    buf.put_u32(value.len() as u32);
+    buf.put_slice(value);
+    buf.put_u16(0);
+    finish(buf, at);
+}
+
 /// Frontend Describe / Close.
 pub fn target(buf: &mut BytesMut, tag: u8, kind: u8, name: &str) {
     let at = begin(buf, tag);

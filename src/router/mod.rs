@@ -87,6 +87,8 @@ struct SharedPlan {
 struct SharedStatement {
     kind: StatementKind,
     shape: Arc<StmtShape>,
+    /// The statement with its one literal replaced by `$1` (see `BoundForm`).
+    bound: Option<Arc<BoundForm>>,
     /// Byte range of the statement in the analysed text.
     start: usize,
     end: usize,
@@ -114,10 +116,41 @@ pub struct StatementPlan {
     shape: Arc<StmtShape>,
     /// The literal values of this query string.
     lits: Arc<[LitValue]>,
+    /// This statement with its one literal as a parameter, when it has that form.
+    bound: Option<Arc<BoundForm>>,
     /// The statement may leave session state behind that the router does not track
     /// (`set_config(…, false)`, advisory locks, temporary objects, WITH HOLD cursors):
     /// the server connection must be reset before another client uses it.
     pub session_effects: bool,
+}
+
+/// A single SELECT with exactly one literal, a number, written as the same text with
+/// `$1` in the literal's place: the proxy can run it as a kept statement with the literal
+/// as its parameter (see `StatementPlan::point_literal`). Every query string of one
+/// normalized shape has the same form, so it is made once per shape.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BoundForm {
+    /// The statement's text with `$1` for its literal.
+    pub sql: String,
+    /// `statement_hash(sql, [int4])`.
+    pub hash: u64,
+}
+
+/// The type of `BoundForm`'s parameter: `int4`, the type PostgreSQL gives an integer
+/// literal that fits 32 bits (only such literals are bound).
+pub const INT4_OID: u32 = 23;
+
+/// Identifies a statement text with its declared parameter types on server connections,
+/// the same for every client (the extended protocol's shared unnamed statements and
+/// `BoundForm`s use it, so one text is parsed once per connection whichever way it came).
+pub fn statement_hash(sql: &str, param_types: &[u32]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same value in every process and run.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    "shared".hash(&mut h);
+    sql.hash(&mut h);
+    param_types.hash(&mut h);
+    h.finish()
 }
 
 /// What kind of statement this is, for the proxy's session and transaction handling.
@@ -212,6 +245,28 @@ impl StatementPlan {
         self.shape.write
     }
 
+    /// When this statement is a single-table SELECT that pins the shard key to its only
+    /// literal, an integer that fits 32 bits: the shard, the statement with `$1` in the
+    /// literal's place, and the literal's digits (the parameter's text value). Bound as
+    /// `int4`, the parameter has the type PostgreSQL gives the literal, so the statement
+    /// means what the literal text means.
+    pub fn point_literal(&self, topology: &Topology) -> Option<(ShardId, &BoundForm, &str)> {
+        let bound = self.bound.as_deref()?;
+        let [lit] = &*self.lits else {
+            return None;
+        };
+        let digits = lit.text.as_str();
+        if lit.string
+            || digits.is_empty()
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+            || digits.parse::<i32>().is_err()
+        {
+            return None;
+        }
+        let shard = route::point_literal_route(&self.shape, &self.lits, topology)?;
+        Some((shard, bound, digits))
+    }
+
     /// Decide where this statement goes given Bind parameters (`$1` = `params[0]`).
     pub fn route(&self, topology: &Topology, params: &[Param<'_>]) -> Result<Routed, RouteError> {
         route::route_statement(&self.shape, &self.lits, topology, params, true)
@@ -290,8 +345,10 @@ impl Router {
                 continue;
             };
             let (kind, shape) = analyze::analyze_statement(node, sql, spans, &mut shareable);
+            let bound = bound_form(&kind, &shape, sql, start, end, spans);
             shared.push(SharedStatement {
                 kind,
+                bound,
                 shape: Arc::new(shape),
                 start,
                 end,
@@ -384,9 +441,49 @@ fn instantiate(shared: &SharedPlan, sql: &str, new_spans: &[LitSpan]) -> QueryPl
             kind: s.kind.clone(),
             shape: Arc::clone(&s.shape),
             lits: Arc::clone(&lits),
+            bound: s.bound.clone(),
         })
         .collect();
     QueryPlan { statements }
+}
+
+/// The `BoundForm` of the statement at `start..end` of `sql`: a plain SELECT (no
+/// EXPLAIN, no INTO) whose text holds exactly one literal, a number, and no `$`
+/// (parameters or dollar quotes). Whether the literal is the shard key, and an integer,
+/// is decided per query string when routing.
+fn bound_form(
+    kind: &StatementKind,
+    shape: &StmtShape,
+    sql: &str,
+    start: usize,
+    end: usize,
+    spans: &[LitSpan],
+) -> Option<Arc<BoundForm>> {
+    let shape::Body::Query(q) = &shape.body else {
+        return None;
+    };
+    if *kind != StatementKind::Query
+        || q.dml != shape::DmlKind::Select
+        || q.wrapper.is_some()
+        || q.creates.is_some()
+        || q.writes_in_cte
+    {
+        return None;
+    }
+    let mut inside = spans.iter().filter(|l| l.start >= start && l.end <= end);
+    let (Some(lit), None) = (inside.next(), inside.next()) else {
+        return None;
+    };
+    let text = statement_text(sql, start, end);
+    if lit.string || text.contains('$') {
+        return None;
+    }
+    // `text` is `sql[start..end]` trimmed: find the literal within it.
+    let offset = text.as_ptr() as usize - sql.as_ptr() as usize;
+    let (from, to) = (lit.start.checked_sub(offset)?, lit.end.checked_sub(offset)?);
+    let bound = format!("{}$1{}", text.get(..from)?, text.get(to..)?);
+    let hash = statement_hash(&bound, &[INT4_OID]);
+    Some(Arc::new(BoundForm { sql: bound, hash }))
 }
 
 /// `sql` with each literal blanked out (same length, so offsets still hold).

@@ -165,6 +165,31 @@ pub(crate) fn route_statement(
     }
 }
 
+/// The shard of a statement that `point_route` decides from literal 0 (`key = 5`):
+/// `None` for anything else.
+pub(crate) fn point_literal_route(
+    shape: &StmtShape,
+    lits: &Literals,
+    topo: &Topology,
+) -> Option<ShardId> {
+    let Body::Query(q) = &shape.body else {
+        return None;
+    };
+    let router = Router {
+        q,
+        lits,
+        topo,
+        params: &[],
+        explain: false,
+        notes: Vec::new(),
+        classes: Vec::new(),
+    };
+    match router.point_key()? {
+        (val @ Value::Lit { idx: 0, neg: false }, dist) => router.point_shard(val, dist),
+        _ => None,
+    }
+}
+
 fn shard_name(topo: &Topology, s: ShardId) -> &str {
     topo.shards.get(s).map(|s| s.name.as_str()).unwrap_or("?")
 }
@@ -301,6 +326,26 @@ impl<'a> Router<'a> {
     /// `route` would give, or `None` to let `route` decide (anything else, including
     /// every error and every value that does not decode as a key).
     fn point_route(&self) -> Option<ShardId> {
+        let (val, dist) = self.point_key()?;
+        self.point_shard(val, dist)
+    }
+
+    /// The shard of key value `val` in `dist`, for `point_route`.
+    fn point_shard(&self, val: &Value, dist: &Distribution) -> Option<ShardId> {
+        let ty = dist.key_type;
+        let key = match val {
+            Value::Lit { idx, neg: false } => KeyValue::from_text(&self.lits.get(*idx)?.text, ty)?,
+            Value::Param(i) => {
+                let p = self.params.get(*i)?;
+                param_key(p.value?, p.binary, ty)?
+            }
+            _ => return None,
+        };
+        dist.shard_for(&key).ok()
+    }
+
+    /// The value `point_route` reads the key from, and the table's distribution.
+    fn point_key(&self) -> Option<(&'a Value, &'a Distribution)> {
         let q = self.q;
         let [rel] = q.rels.as_slice() else {
             return None;
@@ -364,17 +409,7 @@ impl<'a> Router<'a> {
         if col.name != t.column || col.scope != 0 || !qual_ok {
             return None;
         }
-        let dist = self.topo.distributions.get(t.distribution)?;
-        let ty = dist.key_type;
-        let key = match val {
-            Value::Lit { idx, neg: false } => KeyValue::from_text(&self.lits.get(*idx)?.text, ty)?,
-            Value::Param(i) => {
-                let p = self.params.get(*i)?;
-                param_key(p.value?, p.binary, ty)?
-            }
-            _ => return None,
-        };
-        dist.shard_for(&key).ok()
+        Some((val, self.topo.distributions.get(t.distribution)?))
     }
 
     fn route(mut self) -> Result<Routed, RouteError> {

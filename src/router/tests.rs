@@ -837,3 +837,76 @@ fn session_effects_are_seen_in_every_text_of_a_shape() {
     assert!(effects("SELECT * FROM users WHERE name = 'temp table'"));
     assert!(!effects("SELECT * FROM users WHERE name = 'bob'"));
 }
+
+#[test]
+fn point_literal_binds_only_a_lone_integer_key_literal_of_a_select() {
+    let r = router();
+    let topo = topology();
+    let users = &topo.distributions[USERS];
+    let point = |sql: &str| {
+        let plan = r.plan(sql).expect("plans");
+        assert_eq!(plan.statements.len(), 1, "{sql}");
+        plan.statements[0]
+            .point_literal(&topo)
+            .map(|(s, b, v)| (s, b.sql.clone(), v.to_owned()))
+    };
+    let home = |k: i64| users.shard_for(&int(k)).expect("covered");
+    // Twice each: the second plan comes from the shape cache, as later texts do.
+    for _ in 0..2 {
+        assert_eq!(
+            point("SELECT name FROM users WHERE user_id = 42;"),
+            Some((
+                home(42),
+                "SELECT name FROM users WHERE user_id = $1".into(),
+                "42".into()
+            ))
+        );
+        assert_eq!(
+            point("  select * from users u where u.user_id=7 for update "),
+            Some((
+                home(7),
+                "select * from users u where u.user_id=$1 for update".into(),
+                "7".into()
+            ))
+        );
+    }
+    // Same shape, other literal: the same statement with this text's value.
+    let (s, bound, v) = point("SELECT name FROM users WHERE user_id = 2147483647").expect("bound");
+    assert_eq!(
+        (s, bound.as_str(), v.as_str()),
+        (
+            home(2147483647),
+            "SELECT name FROM users WHERE user_id = $1",
+            "2147483647"
+        )
+    );
+    // Shares the shape, but is not an int4 literal in PostgreSQL: run as text.
+    for sql in [
+        "SELECT name FROM users WHERE user_id = 2147483648",
+        "SELECT name FROM users WHERE user_id = 42.0",
+        "SELECT name FROM users WHERE user_id = 1e3",
+    ] {
+        assert_eq!(point(sql), None, "{sql}");
+    }
+    // Not a lone integer key literal of a plain SELECT.
+    for sql in [
+        "SELECT name FROM users WHERE user_id = -5",
+        "SELECT name FROM users WHERE user_id = '5'",
+        "SELECT name FROM users WHERE user_id = 5 AND name = 'x'",
+        "SELECT name FROM users WHERE user_id = $1 AND created_at > now() - interval '1 day'",
+        "SELECT name, 1 FROM users WHERE user_id = $1",
+        "SELECT name FROM users WHERE user_id = $1 LIMIT 5",
+        "SELECT name FROM users WHERE name = $1 AND user_id = 5 OR user_id = 6",
+        "SELECT name FROM users WHERE created_at > $1 AND user_id = 5",
+        "SELECT name FROM countries WHERE code = 5",
+        "SELECT name FROM users WHERE user_id > 5",
+        "EXPLAIN SELECT name FROM users WHERE user_id = 5",
+        "SELECT name INTO TEMP t FROM users WHERE user_id = 5",
+        "UPDATE users SET name = 'x' WHERE user_id = 5",
+        "DELETE FROM users WHERE user_id = 5",
+        "SELECT $$a$$ FROM users WHERE user_id = 5",
+        "SELECT count(*) FROM users WHERE user_id = 5 GROUP BY 1",
+    ] {
+        assert_eq!(point(sql), None, "{sql}");
+    }
+}
