@@ -167,6 +167,9 @@ async fn a_point_select_is_kept_with_its_key_as_a_parameter() {
     drop_table(t).await;
 }
 
+/// A kept statement's text and whether it is expected on the shard (see its use).
+type Expect = Option<(String, bool)>;
+
 #[tokio::test]
 async fn point_queries_answer_exactly_as_their_text_does() {
     let t = "pt_same";
@@ -181,46 +184,96 @@ async fn point_queries_answer_exactly_as_their_text_does() {
         "INSERT INTO {t} (id, v) VALUES (3000000000, 'big')"
     ))
     .await;
-    let queries = [
-        (5, format!("SELECT * FROM {t} WHERE id = 5")),
-        (7, format!("SELECT * FROM {t} WHERE id = 7")),
-        (7, format!("SELECT * FROM {t} WHERE id = 007")),
+    // (key, query, expectation): `Some((bound, true))` if the query is run as the kept
+    // statement `bound` from its second round on, `Some((bound, false))` if `bound` never
+    // gets made (its Parse fails), `None` if not checked (the shape is shared with
+    // queries that are kept on the same shard).
+    let kept = |bound: &str| Some((bound.replace("{t}", t), true));
+    let never = |bound: &str| Some((bound.replace("{t}", t), false));
+    let queries: Vec<(i64, String, Expect)> = vec![
+        (
+            5,
+            format!("SELECT * FROM {t} WHERE id = 5"),
+            kept("SELECT * FROM {t} WHERE id = $1"),
+        ),
+        (
+            7,
+            format!("SELECT * FROM {t} WHERE id = 7"),
+            kept("SELECT * FROM {t} WHERE id = $1"),
+        ),
+        (
+            7,
+            format!("SELECT * FROM {t} WHERE id = 007"),
+            kept("SELECT * FROM {t} WHERE id = $1"),
+        ),
         (
             2_147_483_647,
             format!("SELECT * FROM {t} WHERE id = 2147483647"),
+            kept("SELECT * FROM {t} WHERE id = $1"),
         ),
         // The same shape beyond int4: PostgreSQL types these literals int8 and numeric,
-        // so they run as text.
+        // so they run as text (the router's unit tests check that they are not bound).
         (
             3_000_000_000,
             format!("SELECT * FROM {t} WHERE id = 3000000000"),
+            None,
         ),
-        (5, format!("SELECT * FROM {t} WHERE id = 5.0")),
-        (5, format!("SELECT FROM {t} WHERE id = 5")),
+        (5, format!("SELECT * FROM {t} WHERE id = 5.0"), None),
+        (
+            5,
+            format!("SELECT FROM {t} WHERE id = 5"),
+            kept("SELECT FROM {t} WHERE id = $1"),
+        ),
         (
             7,
             format!(
                 "SELECT v IS NULL AS missing, id + id AS twice FROM {t} WHERE id = 7 FOR UPDATE"
             ),
+            kept("SELECT v IS NULL AS missing, id + id AS twice FROM {t} WHERE id = $1 FOR UPDATE"),
         ),
-        (7, format!("select id from {t} where id in (7)")),
-        (5, format!("SELECT id::text || v FROM {t} WHERE 5 = id")),
+        (
+            7,
+            format!("select id from {t} where id in (7)"),
+            kept("select id from {t} where id in ($1)"),
+        ),
+        (
+            5,
+            format!("/* lead */ SELECT id::text || v FROM {t} WHERE 5 = id -- tail\n ;"),
+            kept("SELECT id::text || v FROM {t} WHERE $1 = id -- tail"),
+        ),
         // Errors keep the position in their own text (the kept statement says `$1`,
         // one byte longer than `5`, before the error's position).
         (
             5,
             format!("SELECT id FROM {t} WHERE id = 5 AND no_such_column"),
+            never("SELECT id FROM {t} WHERE id = $1 AND no_such_column"),
         ),
-        (5, format!("SELECT id FROM {t} WHERE id = 5 AND v")),
-        // An error while running: the kept statement's own answer.
-        (5, format!("SELECT id / 0 FROM {t} WHERE id = 5")),
+        (
+            5,
+            format!("SELECT id FROM {t} WHERE id = 5 AND v"),
+            never("SELECT id FROM {t} WHERE id = $1 AND v"),
+        ),
+        // An error while running: the kept statement's own answer, which is the text's.
+        (
+            5,
+            format!("SELECT id / (id - id) FROM {t} WHERE id = 5"),
+            kept("SELECT id / (id - id) FROM {t} WHERE id = $1"),
+        ),
     ];
-    for (key, sql) in &queries {
+    for (key, sql, expect) in &queries {
         let want = answer(&direct(home(*key)).await.query(sql).await);
         // Three times: the text, then the kept statement (created, then reused).
         for round in 0..3 {
             let got = answer(&c.query(sql).await);
             assert_eq!(got, want, "round {round}: {sql}");
+        }
+        if let Some((bound, is_kept)) = expect {
+            let on = kept_on(&mut c, home(*key), t, bound).await;
+            assert_eq!(
+                on.starts_with("1/"),
+                *is_kept,
+                "{sql}: kept as `{bound}`: {on}"
+            );
         }
     }
     drop(c);

@@ -412,6 +412,30 @@ fn encode_single<'a>(
     batch
 }
 
+/// Whether the ErrorResponse at the start of `answer` (a kept statement's, at Parse or
+/// Bind) may not be what the statement's own text gives: a statement made stale by DDL
+/// (0A000 "cached plan must not change result type", a missing or duplicate statement)
+/// or an error with a position, which points into the `$1` text. A cancel, a lock
+/// timeout or lack of resources is what the text would have met too.
+fn text_may_differ(answer: &[u8]) -> bool {
+    let Some((b'E', rest)) = answer.split_first() else {
+        return false;
+    };
+    let Some(len) = rest
+        .get(..4)
+        .map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]))
+    else {
+        return false;
+    };
+    let body = rest.get(4..len as usize).unwrap_or_default();
+    body.split(|b| *b == 0)
+        .any(|field| match field.split_first() {
+            Some((b'C', code)) => matches!(code, b"0A000" | b"26000" | b"42P05"),
+            Some((b'P', _)) => true,
+            _ => false,
+        })
+}
+
 /// Send pending groups early once they hold this much, so a huge pipeline is not held
 /// in memory until its Sync.
 const PENDING_LIMIT: usize = 1 << 20;
@@ -1034,6 +1058,11 @@ impl Session {
             self.fail(e);
             return Ok(false);
         }
+        if self.client.flush_soon {
+            // Owed to the client already (a notice of an earlier statement): sent now,
+            // so that a flush while this answer is relayed means it has been seen.
+            self.client.flush().await?;
+        }
         let epoch = self.shared.schema_epoch();
         let Some(conn) = self.held.get_mut(&shard) else {
             return Ok(false);
@@ -1097,10 +1126,17 @@ impl Session {
         if let Ok(out) = &result {
             if out.failed_step.is_some_and(|at| at <= before_run) {
                 // Dropped from the connection (closed before its next batch), and the
-                // query run as its text if nothing of this answer reached the client.
+                // query run as its text if nothing of this answer reached the client
+                // and the text can answer otherwise: the error is one of a statement
+                // made stale by DDL, or has a position (which points into `$1` text).
                 conn.prepared.remove(&key);
                 conn.stale.push(key);
-                if !out.async_frames && self.client.flushes == flushes {
+                let error = self.client.wbuf.get(mark..).unwrap_or_default();
+                if !conn.broken
+                    && !out.async_frames
+                    && self.client.flushes == flushes
+                    && text_may_differ(error)
+                {
                     tracing::debug!(shard, "a kept point query failed; running its text");
                     self.client.wbuf.truncate(mark);
                     self.client.flush_soon = flush_soon;
@@ -1173,7 +1209,8 @@ impl Session {
 
 #[cfg(test)]
 mod tests {
-    use super::ServerName;
+    use super::{text_may_differ, ServerName};
+    use crate::protocol::{sqlstate, PgError};
 
     #[test]
     fn server_names() {
@@ -1186,5 +1223,30 @@ mod tests {
             ServerName::new(Some(u64::MAX)).as_str(),
             "sw_ffffffffffffffff"
         );
+    }
+
+    #[test]
+    fn only_stale_statements_and_positioned_errors_run_the_text_again() {
+        let encoded = |e: PgError| {
+            let mut b = bytes::BytesMut::new();
+            e.encode(&mut b);
+            b
+        };
+        let stale = PgError::error(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "cached plan must not change result type",
+        );
+        assert!(text_may_differ(&encoded(stale)));
+        let positioned =
+            PgError::error("42703", "column \"x\" does not exist").with_position(Some(8));
+        assert!(text_may_differ(&encoded(positioned)));
+        for code in ["57014", "55P03", "53200", "42703"] {
+            assert!(
+                !text_may_differ(&encoded(PgError::error(code, "m"))),
+                "{code}"
+            );
+        }
+        assert!(!text_may_differ(b"C\0\0\0\x04"));
+        assert!(!text_may_differ(b"E\0"));
     }
 }

@@ -798,7 +798,11 @@ impl Session {
     async fn run_routed(&mut self, stmt: &StatementPlan, text: &str) -> Result<bool, SessionError> {
         let router = self.shared.router.load_full();
         // A point SELECT outside a block: the shard parses it once per connection.
-        if self.shared.prepare_point_queries && self.txn.is_none() && !self.dirty {
+        if self.shared.prepare_point_queries
+            && self.txn.is_none()
+            && !self.batch_open
+            && !self.dirty
+        {
             if let Some((shard, bound, value)) = stmt.point_literal(router.topology()) {
                 return self.run_point(shard, bound, value, text).await;
             }

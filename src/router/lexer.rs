@@ -49,7 +49,7 @@ const CLASS: [u8; 256] = {
             t[i] = IDENT_START | IDENT_CHAR;
         } else if b.is_ascii_digit() || b == b'$' {
             t[i] = IDENT_CHAR;
-        } else if !matches!(b, b'-' | b'/' | b'"' | b'\'' | b'.') {
+        } else if !matches!(b, b'-' | b'/' | b'"' | b'\'' | b'.' | 1) {
             t[i] = PLAIN;
         }
         i += 1;
@@ -82,9 +82,6 @@ pub(crate) fn normalize_into(sql: &str, key: &mut String, lits: &mut Vec<LitSpan
 
 fn normalize_inner(sql: &str, key: &mut String, lits: &mut Vec<LitSpan>) -> Option<()> {
     let b = sql.as_bytes();
-    if sql.contains(MARK) {
-        return None;
-    }
     key.reserve(sql.len());
     let mut i = 0;
     let mut copied = 0; // bytes of `sql` already reflected in `key`
@@ -154,6 +151,8 @@ fn normalize_inner(sql: &str, key: &mut String, lits: &mut Vec<LitSpan>) -> Opti
                 });
                 copied = i;
             }
+            // The marker byte itself: a key holding it would be ambiguous.
+            1 => return None,
             _ if is_ident_start(c) => {
                 let start = i;
                 while i < b.len() && is_ident_char(b[i]) {

@@ -475,7 +475,16 @@ fn bound_form(
         return None;
     };
     let text = statement_text(sql, start, end);
-    if lit.string || text.contains('$') {
+    // No `$` (parameters, dollar quotes), only ASCII, and nothing that reads the
+    // statement's own text back (`current_query()`, its `pg_stat_activity` row), which
+    // would show the `$1` text instead of the client's.
+    let reads_own_text = || {
+        let lower = text.to_ascii_lowercase();
+        ["current_query", "pg_stat_activity", "pg_stat_get_activity"]
+            .iter()
+            .any(|f| lower.contains(f))
+    };
+    if lit.string || text.contains('$') || !text.is_ascii() || reads_own_text() {
         return None;
     }
     // `text` is `sql[start..end]` trimmed: find the literal within it.
@@ -499,9 +508,14 @@ fn without_literals(sql: &str, spans: &[LitSpan]) -> String {
 }
 
 /// One statement's text within a query string: trimmed, without its semicolon.
+/// Only the whitespace PostgreSQL's scanner skips is trimmed: other Unicode spaces (a
+/// no-break space, say) belong to the identifier they touch.
 fn statement_text(sql: &str, start: usize, end: usize) -> &str {
-    let text = sql.get(start..end).unwrap_or("").trim();
-    text.strip_suffix(';').unwrap_or(text).trim_end()
+    let space = |c: char| matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0b' | '\x0c');
+    let text = sql.get(start..end).unwrap_or("").trim_matches(space);
+    text.strip_suffix(';')
+        .unwrap_or(text)
+        .trim_end_matches(space)
 }
 
 /// Whether `text` may create session state the router does not track (see

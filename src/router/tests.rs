@@ -910,3 +910,22 @@ fn point_literal_binds_only_a_lone_integer_key_literal_of_a_select() {
         assert_eq!(point(sql), None, "{sql}");
     }
 }
+
+#[test]
+fn point_literal_keeps_texts_that_read_themselves_or_hold_odd_spaces_as_text() {
+    let r = router();
+    let topo = topology();
+    for sql in [
+        // A no-break space is part of the identifier `name\u{a0}` for PostgreSQL.
+        "SELECT name FROM users WHERE user_id = 5 ORDER BY name\u{a0}",
+        "SELECT name, 'é' FROM users WHERE user_id = 5",
+        "SELECT current_query(), name FROM users WHERE user_id = 5",
+        "SELECT (SELECT query FROM pg_stat_activity WHERE pid = pg_backend_pid()) FROM users WHERE user_id = 5",
+    ] {
+        let plan = r.plan(sql).expect("plans");
+        assert!(plan.statements[0].point_literal(&topo).is_none(), "{sql}");
+    }
+    // Trimming stops at SQL whitespace: the statement keeps its no-break space.
+    let sql = " SELECT name\u{a0}\n;\t";
+    assert_eq!(statement_text(sql, 0, sql.len()), "SELECT name\u{a0}");
+}
