@@ -102,7 +102,12 @@ impl ServerName {
     }
 
     fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+
+    /// The name's bytes (ASCII), without the UTF-8 check of `as_str`.
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -1099,7 +1104,7 @@ impl Session {
             server_step(&mut steps, StepKind::Parse, false);
             conn.prepared.insert(key);
         }
-        messages::bind_one_text(&mut conn.wbuf, "", name.as_str(), value.as_bytes());
+        messages::bind_one_text(&mut conn.wbuf, "", name.as_bytes(), value.as_bytes());
         // The answers up to here are the kept statement's, not the query's: an error
         // among them is the statement's, and the query runs as text instead.
         let before_run = server_step(&mut steps, StepKind::Bind, false);

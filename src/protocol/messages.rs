@@ -91,6 +91,16 @@ impl<'a> Reader<'a> {
 
 /// `Q`: a simple query string.
 pub fn parse_query(body: &[u8]) -> Result<&str, MalformedMessage> {
+    // The common case in one pass each: the terminator last and no other NUL (a slice's
+    // `contains` of a byte is a word-at-a-time search).
+    if let Some((0, text)) = body.split_last() {
+        if !text.contains(&0) {
+            return std::str::from_utf8(text).map_err(|_| MalformedMessage {
+                what: "Query",
+                why: NOT_UTF8,
+            });
+        }
+    }
     let mut r = Reader::new(body, "Query");
     let s = r.cstr()?;
     r.finish()?;
@@ -346,10 +356,11 @@ pub fn rebind(buf: &mut BytesMut, portal: &str, statement: &str, rest: &[u8]) {
 
 /// Frontend Bind of `statement` to `portal` with one parameter in text format and every
 /// result column in text format.
-pub fn bind_one_text(buf: &mut BytesMut, portal: &str, statement: &str, value: &[u8]) {
+pub fn bind_one_text(buf: &mut BytesMut, portal: &str, statement: &[u8], value: &[u8]) {
     let at = begin(buf, b'B');
     put_cstr(buf, portal);
-    put_cstr(buf, statement);
+    buf.put_slice(statement);
+    buf.put_u8(0);
     buf.put_u16(0);
     buf.put_u16(1);
     buf.put_u32(value.len() as u32);
