@@ -88,6 +88,16 @@ fn router_hit(c: &mut Criterion) {
                 .expect("route")
         })
     });
+    // The simple protocol's point query: plan, then the kept-statement form and shard.
+    g.bench_function("plan_hit+point_literal", |b| {
+        b.iter(|| {
+            let plan = router.plan(black_box(literal)).expect("plan");
+            let point = plan.statements[0]
+                .point_literal(&topo)
+                .expect("a point query");
+            point.0
+        })
+    });
     let plan = router.plan(param_sql).expect("plan");
     g.bench_function("route_only_param", |b| {
         b.iter(|| {
