@@ -334,7 +334,14 @@ impl<'a> Router<'a> {
     fn point_shard(&self, val: &Value, dist: &Distribution) -> Option<ShardId> {
         let ty = dist.key_type;
         let key = match val {
-            Value::Lit { idx, neg: false } => KeyValue::from_text(&self.lits.get(*idx)?.text, ty)?,
+            Value::Lit { idx, neg: false } => {
+                let lit = self.lits.get(*idx)?;
+                if lit.string {
+                    KeyValue::from_text(&lit.text, ty)?
+                } else {
+                    number_key(&lit.text, ty)?
+                }
+            }
             Value::Param(i) => {
                 let p = self.params.get(*i)?;
                 param_key(p.value?, p.binary, ty)?
@@ -1027,7 +1034,7 @@ impl<'a> Router<'a> {
                 if lit.string {
                     parse_text(&text, ty).map(|k| Keys::Some(vec![k]))
                 } else {
-                    match KeyValue::from_text(&text, ty) {
+                    match number_key(&text, ty) {
                         Some(k) => Ok(Keys::Some(vec![k])),
                         None if usage == Use::Insert => Err(RouteError::new(
                             sqlstate::NUMERIC_VALUE_OUT_OF_RANGE,
@@ -1129,6 +1136,33 @@ impl<'a> Router<'a> {
 }
 
 /// A Bind parameter's bytes as a key of type `ty`, if they decode as one.
+/// The key a number literal stands for. A text key meets a number only through a cast
+/// (`code = 007::text`), and PostgreSQL casts the number's value, not its spelling: an
+/// integer is written without leading zeros or `+`. Any other number (`1.50`, `1e3`)
+/// gives `None`: its text depends on the type it is read as.
+fn number_key(text: &str, ty: KeyType) -> Option<KeyValue> {
+    if ty != KeyType::Text {
+        return KeyValue::from_text(text, ty);
+    }
+    let (neg, digits) = match text.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, text),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let value = match digits.trim_start_matches('0') {
+        "" => "0",
+        v => v,
+    };
+    let canonical = if neg && value != "0" {
+        format!("-{value}")
+    } else {
+        value.to_owned()
+    };
+    Some(KeyValue::Text(canonical))
+}
+
 fn param_key(bytes: &[u8], binary: bool, ty: KeyType) -> Option<KeyValue> {
     if binary {
         KeyValue::from_binary(bytes, ty)

@@ -929,3 +929,58 @@ fn point_literal_keeps_texts_that_read_themselves_or_hold_odd_spaces_as_text() {
     let sql = " SELECT name\u{a0}\n;\t";
     assert_eq!(statement_text(sql, 0, sql.len()), "SELECT name\u{a0}");
 }
+
+#[test]
+fn a_number_cast_to_a_text_key_routes_by_its_value_not_its_spelling() {
+    // tenants hash-distributed, so that spellings of one number land apart.
+    let mut topo = topology();
+    topo.distributions[TENANTS].method = Method::Hash {
+        slots: 1024,
+        map: slots4(),
+    };
+    let dist = topo.distributions[TENANTS].clone();
+    let shard = |k: &str| dist.shard_for(&KeyValue::Text(k.into())).expect("covered");
+    let n = (1..1000)
+        .find(|n| shard(&n.to_string()) != shard(&format!("00{n}")))
+        .expect("a number whose spellings hash apart");
+    let r = Router::new(Arc::new(topo.clone()));
+    for (sql, key) in [
+        (
+            format!("SELECT * FROM tenants WHERE name = 00{n}::text"),
+            n.to_string(),
+        ),
+        (
+            format!("SELECT * FROM tenants WHERE name = {n}::text"),
+            n.to_string(),
+        ),
+        (
+            format!("SELECT * FROM tenants WHERE name = (-00{n})::text"),
+            format!("-{n}"),
+        ),
+        (
+            "SELECT * FROM tenants WHERE name = 000::text".to_string(),
+            "0".to_string(),
+        ),
+        (
+            format!("INSERT INTO tenants (name) VALUES (00{n})"),
+            n.to_string(),
+        ),
+    ] {
+        // Twice: the fast path on the cached plan as well.
+        for _ in 0..2 {
+            let plan = r.plan(&sql).expect("plans");
+            let routed = plan.statements[0].route_quiet(&topo, &[]).expect("routes");
+            assert_eq!(routed.route, Route::Shard(shard(&key)), "{sql}");
+        }
+    }
+    // A number whose text depends on its type: every shard decides.
+    let plan = r
+        .plan("SELECT * FROM tenants WHERE name = 1.50::text")
+        .expect("plans");
+    let routed = plan.statements[0].route_quiet(&topo, &[]).expect("routes");
+    assert!(
+        matches!(routed.route, Route::Multi { .. }),
+        "{:?}",
+        routed.route
+    );
+}
