@@ -1072,6 +1072,13 @@ impl Analyzer<'_> {
                 Ok(n) if n >= 1 => Value::Param(n - 1),
                 _ => Value::Expr,
             },
+            // A cast to a type with a modifier changes the value itself
+            // (`'abcdef'::varchar(3)` is 'abc'): not a value the router knows.
+            Some(NodeEnum::TypeCast(tc))
+                if tc.type_name.as_ref().is_some_and(|t| !t.typmods.is_empty()) =>
+            {
+                Value::Expr
+            }
             Some(NodeEnum::TypeCast(tc)) => match tc.arg.as_deref().map(|a| &a.node) {
                 Some(Some(NodeEnum::AConst(c))) => self.constant(c),
                 Some(Some(NodeEnum::ParamRef(p))) => match usize::try_from(p.number) {
