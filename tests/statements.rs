@@ -276,62 +276,55 @@ async fn a_kept_statement_whose_parameter_type_changed_is_parsed_afresh() {
     drop_table_s0("st_ptype").await;
 }
 
-#[tokio::test]
-async fn ddl_through_the_router_retires_kept_statements() {
-    fresh_table_s0("st_epoch", "a int").await;
-    on_s0("INSERT INTO st_epoch VALUES (1)").await;
+/// Keep `select * from <table>`, run `maintenance` (which must leave the statement
+/// alone), then `ddl` (which must retire it: the next use makes a new statement for the
+/// new schema), each as a simple query through the router.
+async fn maintenance_keeps_and_ddl_retires(table: &str, maintenance: &str, ddl: &str) {
+    fresh_table_s0(table, "a int").await;
+    on_s0(&format!("INSERT INTO {table} VALUES (1)")).await;
     let r = router_pool1().await;
-    let sql = "select * from st_epoch";
+    let sql = format!("select * from {table}");
     let mut a = RawClient::connect(&r).await;
     for _ in 0..2 {
-        assert_eq!(unnamed_value(&mut a, sql).await, "1");
+        assert_eq!(unnamed_value(&mut a, &sql).await, "1");
     }
-    assert_eq!(kept_on_s0(&mut a, sql).await, "1/sw_/1");
+    assert_eq!(kept_on_s0(&mut a, &sql).await, "1/sw_/1");
     // Maintenance changes no names or types: the statement stays.
-    let got = a.query("ANALYZE st_epoch").await;
+    let got = a.query(maintenance).await;
     assert!(!got.iter().any(|m| m.tag == b'E'), "{}", raw_show(&got));
-    assert_eq!(unnamed_value(&mut a, sql).await, "1");
-    assert_eq!(kept_on_s0(&mut a, sql).await, "1/sw_/2");
-    let got = a
-        .query("ALTER TABLE st_epoch ADD COLUMN b int DEFAULT 2")
-        .await;
+    assert_eq!(unnamed_value(&mut a, &sql).await, "1");
+    assert_eq!(kept_on_s0(&mut a, &sql).await, "1/sw_/2");
+    let got = a.query(ddl).await;
     assert!(!got.iter().any(|m| m.tag == b'E'), "{}", raw_show(&got));
     // A new statement for the new schema; the old one is not touched again (a stale
     // one would have been closed and re-made under the same name: one statement).
-    let got = unnamed(&mut a, sql).await;
+    let got = unnamed(&mut a, &sql).await;
     assert_eq!(columns(&got), Some(vec!["a".to_string(), "b".to_string()]));
-    assert_eq!(kept_on_s0(&mut a, sql).await, "2/sw_/3");
+    assert_eq!(kept_on_s0(&mut a, &sql).await, "2/sw_/3");
     drop(a);
     r.stop().await;
-    drop_table_s0("st_epoch").await;
+    drop_table_s0(table).await;
+}
+
+#[tokio::test]
+async fn ddl_through_the_router_retires_kept_statements() {
+    maintenance_keeps_and_ddl_retires(
+        "st_epoch",
+        "ANALYZE st_epoch",
+        "ALTER TABLE st_epoch ADD COLUMN b int DEFAULT 2",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn statements_later_in_a_multi_statement_query_are_judged_by_their_own_text() {
-    fresh_table_s0("st_multi", "a int").await;
-    on_s0("INSERT INTO st_multi VALUES (1)").await;
-    let r = router_pool1().await;
-    let sql = "select * from st_multi";
-    let mut a = RawClient::connect(&r).await;
-    for _ in 0..2 {
-        assert_eq!(unnamed_value(&mut a, sql).await, "1");
-    }
-    // Maintenance as the second statement: no schema change, the statement stays.
-    let got = a.query("SELECT 1; ANALYZE st_multi").await;
-    assert!(!got.iter().any(|m| m.tag == b'E'), "{}", raw_show(&got));
-    assert_eq!(unnamed_value(&mut a, sql).await, "1");
-    assert_eq!(kept_on_s0(&mut a, sql).await, "1/sw_/2");
-    // DDL as the second statement: a new statement under the new schema epoch.
-    let got = a
-        .query("SELECT 1; ALTER TABLE st_multi ADD COLUMN b int DEFAULT 2")
-        .await;
-    assert!(!got.iter().any(|m| m.tag == b'E'), "{}", raw_show(&got));
-    let got = unnamed(&mut a, sql).await;
-    assert_eq!(columns(&got), Some(vec!["a".to_string(), "b".to_string()]));
-    assert_eq!(kept_on_s0(&mut a, sql).await, "2/sw_/3");
-    drop(a);
-    r.stop().await;
-    drop_table_s0("st_multi").await;
+    // Maintenance, then DDL, as the second statement of a query string.
+    maintenance_keeps_and_ddl_retires(
+        "st_multi",
+        "SELECT 1; ANALYZE st_multi",
+        "SELECT 1; ALTER TABLE st_multi ADD COLUMN b int DEFAULT 2",
+    )
+    .await;
 }
 
 #[tokio::test]
