@@ -60,6 +60,13 @@ pub struct ServerConn {
 }
 
 impl ServerConn {
+    /// Stop using the statement `hash` on this connection: it is closed before the
+    /// connection's next batch.
+    pub fn retire_statement(&mut self, hash: u64) {
+        self.prepared.remove(&hash);
+        self.stale.push(hash);
+    }
+
     /// Connect and authenticate; returns once the server is ready for queries.
     pub async fn connect(
         shard_id: ShardId,

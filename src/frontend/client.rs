@@ -40,13 +40,46 @@ pub struct ClientConn {
     max_message: u64,
     /// How many times `wbuf` was sent: tells a caller whether what it queued is still
     /// unsent (and can be taken back).
-    pub flushes: u64,
+    flushes: u64,
     /// Keep the next relayed error in `wbuf` (not sent at once): the session may take it
     /// back and run the batch again.
     pub hold_first_error: bool,
 }
 
+/// What was queued for the client at some point (see `ClientConn::mark`).
+#[derive(Clone, Copy)]
+pub struct OutputMark {
+    len: usize,
+    flushes: u64,
+    flush_soon: bool,
+}
+
 impl ClientConn {
+    /// Remember what is queued now, to take back what is queued after it.
+    pub fn mark(&self) -> OutputMark {
+        OutputMark {
+            len: self.wbuf.len(),
+            flushes: self.flushes,
+            flush_soon: self.flush_soon,
+        }
+    }
+
+    /// Whether nothing queued since `m` has been sent (so it can still be taken back).
+    pub fn unsent_since(&self, m: OutputMark) -> bool {
+        self.flushes == m.flushes
+    }
+
+    /// What was queued since `m` (while `unsent_since(m)`).
+    pub fn queued_since(&self, m: OutputMark) -> &[u8] {
+        self.wbuf.get(m.len..).unwrap_or_default()
+    }
+
+    /// Drop what was queued since `m`, which must be unsent.
+    pub fn take_back(&mut self, m: OutputMark) {
+        self.wbuf.truncate(m.len);
+        self.flush_soon = m.flush_soon;
+    }
+
     pub fn new(stream: TcpStream, max_message: u64) -> ClientConn {
         ClientConn {
             stream,

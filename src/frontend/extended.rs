@@ -969,11 +969,7 @@ impl Session {
         let mut steps = std::mem::take(&mut self.steps);
         let mut uses = std::mem::take(&mut self.statement_uses);
         // What the client is owed so far, to take back if the batch is run again.
-        let (mark, flushes, flush_soon) = (
-            self.client.wbuf.len(),
-            self.client.flushes,
-            self.client.flush_soon,
-        );
+        let mark = self.client.mark();
         self.client.hold_first_error = may_rerun;
         let epoch = self.shared.schema_epoch();
         let mut retried = false;
@@ -1022,19 +1018,17 @@ impl Session {
             let Some(&(_, _, hash)) = kept else {
                 break (result, router_error);
             };
-            conn.prepared.remove(&hash);
-            conn.stale.push(hash);
+            conn.retire_statement(hash);
             let rerun = may_rerun
                 && !retried
                 && first_forwarded == Some(failed_at)
                 && !out.async_frames
-                && self.client.flushes == flushes;
+                && self.client.unsent_since(mark);
             if !rerun {
                 break (result, router_error);
             }
             tracing::debug!(shard, "a kept statement failed; running the batch again");
-            self.client.wbuf.truncate(mark);
-            self.client.flush_soon = flush_soon;
+            self.client.take_back(mark);
             retried = true;
         };
         self.client.hold_first_error = false;
@@ -1116,11 +1110,7 @@ impl Session {
         server_step(&mut steps, StepKind::Execute, true);
         messages::empty_message(&mut conn.wbuf, b'S');
         server_step(&mut steps, StepKind::Sync, false);
-        let (mark, flushes, flush_soon) = (
-            self.client.wbuf.len(),
-            self.client.flushes,
-            self.client.flush_soon,
-        );
+        let mark = self.client.mark();
         self.client.hold_first_error = true;
         let result = match conn.flush().await {
             Ok(()) => relay_single(conn, &mut self.client, &mut steps).await,
@@ -1134,17 +1124,15 @@ impl Session {
                 // query run as its text if nothing of this answer reached the client
                 // and the text can answer otherwise: the error is one of a statement
                 // made stale by DDL, or has a position (which points into `$1` text).
-                conn.prepared.remove(&key);
-                conn.stale.push(key);
-                let error = self.client.wbuf.get(mark..).unwrap_or_default();
+                conn.retire_statement(key);
+                let error = self.client.queued_since(mark);
                 if !conn.broken
                     && !out.async_frames
-                    && self.client.flushes == flushes
+                    && self.client.unsent_since(mark)
                     && text_may_differ(error)
                 {
                     tracing::debug!(shard, "a kept point query failed; running its text");
-                    self.client.wbuf.truncate(mark);
-                    self.client.flush_soon = flush_soon;
+                    self.client.take_back(mark);
                     return self.run_on(&[shard], text, Combine::Sum).await;
                 }
             }
