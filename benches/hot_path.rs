@@ -98,6 +98,15 @@ fn router_hit(c: &mut Criterion) {
             point.0
         })
     });
+    // What the proxy does for it once its shape is cached: the same answer, no plan.
+    g.bench_function("point_query", |b| {
+        b.iter(|| {
+            router
+                .point_query(black_box(literal))
+                .expect("a point query")
+                .shard
+        })
+    });
     let plan = router.plan(param_sql).expect("plan");
     g.bench_function("route_only_param", |b| {
         b.iter(|| {

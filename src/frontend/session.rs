@@ -460,6 +460,14 @@ impl Session {
         };
         self.skipping = false;
         let router = self.shared.router.load_full();
+        // A point SELECT seen before runs without a plan being built: what `execute`
+        // would do with its one statement (`run_routed` → `run_point`).
+        if self.point_queries_open() {
+            if let Some(p) = router.point_query(sql) {
+                self.run_point(p.shard, &p.bound, p.value, sql).await?;
+                return self.ready().await;
+            }
+        }
         let plan = match router.plan(sql) {
             Ok(p) => p,
             Err(e) => {
@@ -795,14 +803,17 @@ impl Session {
     }
 
     /// Route a statement and run it.
+    /// Whether a point SELECT may run as a kept statement now (`run_point`): outside
+    /// transaction blocks and open extended batches, on a session without untracked
+    /// effects.
+    fn point_queries_open(&self) -> bool {
+        self.shared.prepare_point_queries && self.txn.is_none() && !self.batch_open && !self.dirty
+    }
+
     async fn run_routed(&mut self, stmt: &StatementPlan, text: &str) -> Result<bool, SessionError> {
         let router = self.shared.router.load_full();
         // A point SELECT outside a block: the shard parses it once per connection.
-        if self.shared.prepare_point_queries
-            && self.txn.is_none()
-            && !self.batch_open
-            && !self.dirty
-        {
+        if self.point_queries_open() {
             if let Some((shard, bound, value)) = stmt.point_literal(router.topology()) {
                 return self.run_point(shard, bound, value, text).await;
             }

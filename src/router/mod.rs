@@ -134,6 +134,33 @@ pub struct BoundForm {
     pub sql: String,
     /// `statement_hash(sql, [int4])`.
     pub hash: u64,
+    /// The distribution whose key the literal pins (`Topology::distributions`): the
+    /// statement's one table is sharded by it and `point_route` reads the key from the
+    /// literal. A property of the shape and the topology, found once per shape.
+    dist: usize,
+}
+
+impl BoundForm {
+    /// The shard for the literal written `digits`; `None` unless it is an unsigned
+    /// integer that fits 32 bits (a literal PostgreSQL types `int4`, the parameter's type).
+    fn shard_for(&self, digits: &str, topology: &Topology) -> Option<ShardId> {
+        if digits.is_empty()
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+            || digits.parse::<i32>().is_err()
+        {
+            return None;
+        }
+        route::number_shard(digits, topology.distributions.get(self.dist)?)
+    }
+}
+
+/// A simple-protocol point SELECT found by `Router::point_query`: what `plan` and then
+/// `StatementPlan::point_literal` give for its text, without building the plan.
+pub struct PointQuery<'s> {
+    pub shard: ShardId,
+    pub bound: Arc<BoundForm>,
+    /// The literal's digits (the parameter's text value), within the query string.
+    pub value: &'s str,
 }
 
 /// The type of `BoundForm`'s parameter: `int4`, the type PostgreSQL gives an integer
@@ -255,16 +282,11 @@ impl StatementPlan {
         let [lit] = &*self.lits else {
             return None;
         };
-        let digits = lit.text.as_str();
-        if lit.string
-            || digits.is_empty()
-            || !digits.bytes().all(|b| b.is_ascii_digit())
-            || digits.parse::<i32>().is_err()
-        {
+        if lit.string {
             return None;
         }
-        let shard = route::point_literal_route(&self.shape, &self.lits, topology)?;
-        Some((shard, bound, digits))
+        let shard = bound.shard_for(&lit.text, topology)?;
+        Some((shard, bound, lit.text.as_str()))
     }
 
     /// Decide where this statement goes given Bind parameters (`$1` = `params[0]`).
@@ -301,14 +323,43 @@ impl Router {
 
     /// Parse (or fetch from cache) a query string that may hold several statements.
     /// A syntax error is a `RouteError` with SQLSTATE 42601 and the 1-based position.
+    /// The point SELECT `sql` is, when it is one whose shape is cached: a single
+    /// statement whose `StatementPlan::point_literal` holds. The same answer as `plan`
+    /// and `point_literal`, for a fraction of the work (no plan is built): the proxy
+    /// tries it first on every simple-protocol query.
+    pub fn point_query<'s>(&self, sql: &'s str) -> Option<PointQuery<'s>> {
+        let version = self.topology.version;
+        SCRATCH.with(|scratch| {
+            let (key, spans) = &mut *scratch.borrow_mut();
+            let [lit] = lexer::normalize_into(sql, key, spans).then_some(spans.as_slice())? else {
+                return None;
+            };
+            if lit.string {
+                return None;
+            }
+            let shared = self.with_cache(version, |c| c.shapes.get(key.as_str()).cloned())?;
+            let [stmt] = shared.statements.as_slice() else {
+                return None;
+            };
+            let bound = stmt.bound.as_ref()?;
+            // The statement's literal, and the query string's: `instantiate` would find
+            // session effects only in string literals.
+            if stmt.session_effects {
+                return None;
+            }
+            let value = sql.get(lit.start..lit.end)?;
+            let shard = bound.shard_for(value, &self.topology)?;
+            Some(PointQuery {
+                shard,
+                bound: Arc::clone(bound),
+                value,
+            })
+        })
+    }
+
     pub fn plan(&self, sql: &str) -> Result<Arc<QueryPlan>, RouteError> {
         let version = self.topology.version;
         let exact = || self.with_cache(version, |c| c.exact.get(sql).cloned());
-        // The normalized text and literal spans, in per-thread buffers: a hit on a shape
-        // then allocates only the plan itself.
-        thread_local! {
-            static SCRATCH: RefCell<(String, Vec<LitSpan>)> = const { RefCell::new((String::new(), Vec::new())) };
-        }
         let looked = SCRATCH.with(|scratch| {
             let (key, spans) = &mut *scratch.borrow_mut();
             // A text with literals is found by its shape; the exact-text cache holds
@@ -345,7 +396,7 @@ impl Router {
                 continue;
             };
             let (kind, shape) = analyze::analyze_statement(node, sql, spans, &mut shareable);
-            let bound = bound_form(&kind, &shape, sql, start, end, spans);
+            let bound = bound_form(&kind, &shape, sql, start, end, spans, &self.topology);
             shared.push(SharedStatement {
                 kind,
                 bound,
@@ -404,6 +455,13 @@ fn insert_bounded<T>(map: &mut HashMap<String, Arc<T>>, key: &str, value: &Arc<T
     map.insert(key.to_owned(), Arc::clone(value));
 }
 
+thread_local! {
+    /// The normalized text and literal spans of the query string being planned, in
+    /// per-thread buffers: a hit on a shape then allocates only the plan itself (and
+    /// `Router::point_query` nothing).
+    static SCRATCH: RefCell<(String, Vec<LitSpan>)> = const { RefCell::new((String::new(), Vec::new())) };
+}
+
 /// A plan for `sql` from a shared analysis. `new_spans` are `sql`'s literal spans; they
 /// pair one-to-one with `shared.lits` because the normalized texts are equal.
 fn instantiate(shared: &SharedPlan, sql: &str, new_spans: &[LitSpan]) -> QueryPlan {
@@ -458,6 +516,7 @@ fn bound_form(
     start: usize,
     end: usize,
     spans: &[LitSpan],
+    topology: &Topology,
 ) -> Option<Arc<BoundForm>> {
     let shape::Body::Query(q) = &shape.body else {
         return None;
@@ -487,12 +546,18 @@ fn bound_form(
     if lit.string || text.contains('$') || !text.is_ascii() || reads_own_text() {
         return None;
     }
+    // Only a literal that is the shard key's value is bound (`key = 42`).
+    let dist = route::point_literal_dist(shape, topology)?;
     // `text` is `sql[start..end]` trimmed: find the literal within it.
     let offset = text.as_ptr() as usize - sql.as_ptr() as usize;
     let (from, to) = (lit.start.checked_sub(offset)?, lit.end.checked_sub(offset)?);
     let bound = format!("{}$1{}", text.get(..from)?, text.get(to..)?);
     let hash = statement_hash(&bound, &[INT4_OID]);
-    Some(Arc::new(BoundForm { sql: bound, hash }))
+    Some(Arc::new(BoundForm {
+        sql: bound,
+        hash,
+        dist,
+    }))
 }
 
 /// `sql` with each literal blanked out (same length, so offsets still hold).

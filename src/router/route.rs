@@ -165,19 +165,16 @@ pub(crate) fn route_statement(
     }
 }
 
-/// The shard of a statement that `point_route` decides from literal 0 (`key = 5`):
-/// `None` for anything else.
-pub(crate) fn point_literal_route(
-    shape: &StmtShape,
-    lits: &Literals,
-    topo: &Topology,
-) -> Option<ShardId> {
+/// The distribution (index in `Topology::distributions`) whose key `point_route` reads
+/// from literal 0 of this statement (`key = 5`), whatever that literal's value: `None`
+/// for any other statement.
+pub(crate) fn point_literal_dist(shape: &StmtShape, topo: &Topology) -> Option<usize> {
     let Body::Query(q) = &shape.body else {
         return None;
     };
     let router = Router {
         q,
-        lits,
+        lits: &[],
         topo,
         params: &[],
         explain: false,
@@ -185,9 +182,15 @@ pub(crate) fn point_literal_route(
         classes: Vec::new(),
     };
     match router.point_key()? {
-        (val @ Value::Lit { idx: 0, neg: false }, dist) => router.point_shard(val, dist),
+        (Value::Lit { idx: 0, neg: false }, dist) => Some(dist),
         _ => None,
     }
+}
+
+/// The shard of a number literal written `digits` as the key of `dist` (what
+/// `point_route` gives for it).
+pub(crate) fn number_shard(digits: &str, dist: &Distribution) -> Option<ShardId> {
+    dist.shard_for(&number_key(digits, dist.key_type)?).ok()
 }
 
 fn shard_name(topo: &Topology, s: ShardId) -> &str {
@@ -327,7 +330,7 @@ impl<'a> Router<'a> {
     /// every error and every value that does not decode as a key).
     fn point_route(&self) -> Option<ShardId> {
         let (val, dist) = self.point_key()?;
-        self.point_shard(val, dist)
+        self.point_shard(val, self.topo.distributions.get(dist)?)
     }
 
     /// The shard of key value `val` in `dist`, for `point_route`.
@@ -351,8 +354,9 @@ impl<'a> Router<'a> {
         dist.shard_for(&key).ok()
     }
 
-    /// The value `point_route` reads the key from, and the table's distribution.
-    fn point_key(&self) -> Option<(&'a Value, &'a Distribution)> {
+    /// The value `point_route` reads the key from, and the table's distribution (its
+    /// index in `Topology::distributions`).
+    fn point_key(&self) -> Option<(&'a Value, usize)> {
         let q = self.q;
         let [rel] = q.rels.as_slice() else {
             return None;
@@ -416,7 +420,7 @@ impl<'a> Router<'a> {
         if col.name != t.column || col.scope != 0 || !qual_ok {
             return None;
         }
-        Some((val, self.topo.distributions.get(t.distribution)?))
+        Some((val, t.distribution))
     }
 
     fn route(mut self) -> Result<Routed, RouteError> {

@@ -843,12 +843,22 @@ fn point_literal_binds_only_a_lone_integer_key_literal_of_a_select() {
     let r = router();
     let topo = topology();
     let users = &topo.distributions[USERS];
+    // Before its shape is cached, a text is planned the long way.
+    assert!(r
+        .point_query("SELECT name FROM users WHERE user_id = 42")
+        .is_none());
     let point = |sql: &str| {
         let plan = r.plan(sql).expect("plans");
         assert_eq!(plan.statements.len(), 1, "{sql}");
-        plan.statements[0]
+        let planned = plan.statements[0]
             .point_literal(&topo)
-            .map(|(s, b, v)| (s, b.sql.clone(), v.to_owned()))
+            .map(|(s, b, v)| (s, b.sql.clone(), v.to_owned()));
+        // Once the shape is cached, the proxy's fast path gives the same answer.
+        let fast = r
+            .point_query(sql)
+            .map(|p| (p.shard, p.bound.sql.clone(), p.value.to_owned()));
+        assert_eq!(fast, planned, "point_query: {sql}");
+        planned
     };
     let home = |k: i64| users.shard_for(&int(k)).expect("covered");
     // Twice each: the second plan comes from the shape cache, as later texts do.
@@ -908,6 +918,15 @@ fn point_literal_binds_only_a_lone_integer_key_literal_of_a_select() {
         "SELECT count(*) FROM users WHERE user_id = 5 GROUP BY 1",
     ] {
         assert_eq!(point(sql), None, "{sql}");
+    }
+    // A point SELECT among other statements is not one (each runs in the string's
+    // implicit transaction).
+    for sql in [
+        "SELECT name FROM users WHERE user_id = 5; SELECT name FROM users WHERE user_id = $1",
+        "SET x = DEFAULT; SELECT name FROM users WHERE user_id = 5",
+    ] {
+        assert_eq!(r.plan(sql).expect("plans").statements.len(), 2, "{sql}");
+        assert!(r.point_query(sql).is_none(), "{sql}");
     }
 }
 
