@@ -802,7 +802,6 @@ impl Session {
         Ok(true)
     }
 
-    /// Route a statement and run it.
     /// Whether a point SELECT may run as a kept statement now (`run_point`): outside
     /// transaction blocks and open extended batches, on a session without untracked
     /// effects.
@@ -810,6 +809,7 @@ impl Session {
         self.shared.prepare_point_queries && self.txn.is_none() && !self.batch_open && !self.dirty
     }
 
+    /// Route a statement and run it.
     async fn run_routed(&mut self, stmt: &StatementPlan, text: &str) -> Result<bool, SessionError> {
         let router = self.shared.router.load_full();
         // A point SELECT outside a block: the shard parses it once per connection.
