@@ -321,8 +321,6 @@ impl Router {
         &self.topology
     }
 
-    /// Parse (or fetch from cache) a query string that may hold several statements.
-    /// A syntax error is a `RouteError` with SQLSTATE 42601 and the 1-based position.
     /// The point SELECT `sql` is, when it is one whose shape is cached: a single
     /// statement whose `StatementPlan::point_literal` holds. The same answer as `plan`
     /// and `point_literal`, for a fraction of the work (no plan is built): the proxy
@@ -342,8 +340,7 @@ impl Router {
                 return None;
             };
             let bound = stmt.bound.as_ref()?;
-            // The statement's literal, and the query string's: `instantiate` would find
-            // session effects only in string literals.
+            // As `instantiate` would mark it (a number literal adds no session effects).
             if stmt.session_effects {
                 return None;
             }
@@ -357,6 +354,8 @@ impl Router {
         })
     }
 
+    /// Parse (or fetch from cache) a query string that may hold several statements.
+    /// A syntax error is a `RouteError` with SQLSTATE 42601 and the 1-based position.
     pub fn plan(&self, sql: &str) -> Result<Arc<QueryPlan>, RouteError> {
         let version = self.topology.version;
         let exact = || self.with_cache(version, |c| c.exact.get(sql).cloned());
@@ -506,9 +505,9 @@ fn instantiate(shared: &SharedPlan, sql: &str, new_spans: &[LitSpan]) -> QueryPl
 }
 
 /// The `BoundForm` of the statement at `start..end` of `sql`: a plain SELECT (no
-/// EXPLAIN, no INTO) whose text holds exactly one literal, a number, and no `$`
-/// (parameters or dollar quotes). Whether the literal is the shard key, and an integer,
-/// is decided per query string when routing.
+/// EXPLAIN, no INTO) whose text holds exactly one literal, a number that `point_route`
+/// reads as the shard key, and no `$` (parameters or dollar quotes). Whether the literal
+/// is an integer that fits int4 is decided per query string.
 fn bound_form(
     kind: &StatementKind,
     shape: &StmtShape,

@@ -339,11 +339,10 @@ impl<'a> Router<'a> {
         let key = match val {
             Value::Lit { idx, neg: false } => {
                 let lit = self.lits.get(*idx)?;
-                if lit.string {
-                    KeyValue::from_text(&lit.text, ty)?
-                } else {
-                    number_key(&lit.text, ty)?
+                if !lit.string {
+                    return number_shard(&lit.text, dist);
                 }
+                KeyValue::from_text(&lit.text, ty)?
             }
             Value::Param(i) => {
                 let p = self.params.get(*i)?;
@@ -1139,7 +1138,6 @@ impl<'a> Router<'a> {
     }
 }
 
-/// A Bind parameter's bytes as a key of type `ty`, if they decode as one.
 /// The key a number literal stands for. A text key meets a number only through a cast
 /// (`code = 007::text`), and PostgreSQL casts the number's value, not its spelling: an
 /// integer is written without leading zeros or `+`. Any other number (`1.50`, `1e3`)
@@ -1167,6 +1165,7 @@ fn number_key(text: &str, ty: KeyType) -> Option<KeyValue> {
     Some(KeyValue::Text(canonical))
 }
 
+/// A Bind parameter's bytes as a key of type `ty`, if they decode as one.
 fn param_key(bytes: &[u8], binary: bool, ty: KeyType) -> Option<KeyValue> {
     if binary {
         KeyValue::from_binary(bytes, ty)
