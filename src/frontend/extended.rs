@@ -121,6 +121,15 @@ pub struct SeenTexts(std::sync::Mutex<std::collections::HashSet<u64>>);
 const SEEN_TEXTS_LIMIT: usize = 1 << 16;
 
 impl SeenTexts {
+    /// Whether a statement shared by every client (`hash`, `router::statement_hash`)
+    /// that a connection holding `held` statements does not have yet is kept there
+    /// under its name; otherwise it runs unkept. A text run for the first time may never
+    /// come back, and a connection holding the most statements it may takes no more.
+    /// Counts this use toward "run before" if `record`.
+    fn keep_new(&self, held: usize, hash: u64, record: bool) -> bool {
+        held < super::session::MAX_PREPARED_PER_CONN && self.seen_before(hash, record)
+    }
+
     /// Whether the text with this hash was seen before; remembers it if `record`.
     fn seen_before(&self, hash: u64, record: bool) -> bool {
         let Ok(mut seen) = self.0.lock() else {
@@ -301,13 +310,8 @@ impl<'a> Batch<'a> {
         let (key, create) = match (st.server_key(self.settings, self.kept.epoch), prepared) {
             (Some(h), Some(prepared)) if prepared.contains(&h) => (Some(h), false),
             (Some(h), Some(prepared)) => {
-                if st.shared
-                    && (prepared.len() >= super::session::MAX_PREPARED_PER_CONN
-                        || !self.kept.seen.seen_before(st.hash, record))
-                {
-                    // A text run for the first time may never come back, and a
-                    // connection holding the most statements it may takes no more:
-                    // parsed unnamed.
+                if st.shared && !self.kept.seen.keep_new(prepared.len(), st.hash, record) {
+                    // Parsed unnamed.
                     (None, true)
                 } else {
                     prepared.insert(h);
@@ -1071,8 +1075,10 @@ impl Session {
         };
         let create = !conn.prepared.contains(&key);
         if create
-            && (conn.prepared.len() >= super::session::MAX_PREPARED_PER_CONN
-                || !self.shared.seen_texts.seen_before(bound.hash, true))
+            && !self
+                .shared
+                .seen_texts
+                .keep_new(conn.prepared.len(), bound.hash, true)
         {
             return self.run_on(&[shard], text, Combine::Sum).await;
         }
