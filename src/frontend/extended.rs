@@ -5,6 +5,9 @@
 //! (statements live in the session, not on a particular server connection) and creates
 //! each statement on whichever pooled connection runs it, under a name derived from its
 //! text and parameter types, so a connection parses it once however many clients use it.
+//! A client's named statement keeps the parameter types and result columns of its first
+//! copy: a later copy on another connection is parsed with those types and compared
+//! before use (`Batch::ensure`), as PostgreSQL holds its own statements to them.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, VecDeque};
@@ -14,7 +17,9 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use super::session::{ends_failed_block, route_error, Session, SessionError, StmtError};
-use crate::merge::{relay_multi, relay_single, Combine, RelayError, Step, StepKind};
+use crate::merge::{
+    relay_multi, relay_single, Combine, RelayError, StatementShape, Step, StepKind,
+};
 use crate::protocol::messages::{self, MalformedMessage};
 use crate::protocol::{sqlstate, PgError};
 use crate::router::{MergePlan, Param, QueryPlan, Route, StatementKind};
@@ -27,8 +32,9 @@ pub struct PreparedStatement {
     /// The router's analysis: zero statements (empty query) or one.
     pub plan: Arc<QueryPlan>,
     /// Identifies the statement on server connections (`sw_<hash>`). For a named
-    /// statement: a hash of the client session, its statement name, the text and the
-    /// parameter types, so that clients never share a server statement. For a shared
+    /// statement: a hash of the client session, how many statements it prepared before,
+    /// its statement name, the text and the parameter types, so that clients never share
+    /// a server statement. For a shared
     /// one: of the text and parameter types only.
     pub hash: u64,
     /// The client's unnamed statement.
@@ -39,6 +45,11 @@ pub struct PreparedStatement {
     /// before every execution then costs the shard one parse per connection, not one per
     /// execution.
     pub shared: bool,
+    /// A named statement's shape as its first copy on a server answered Describe: the
+    /// client decodes its results by it. Every later copy (on another connection) is
+    /// parsed with these parameter types and must give these result columns, or using
+    /// the statement fails as PostgreSQL fails a statement whose result type changed.
+    pub shape: std::sync::OnceLock<StatementShape>,
 }
 
 impl PreparedStatement {
@@ -253,6 +264,23 @@ struct Batch<'a> {
     /// changed since it was recorded (shared statements are then not used).
     settings: u64,
     kept: KeptStatements<'a>,
+    /// The statements whose shape a `StepKind::Shape` step asks for, in step order.
+    shaped: Vec<Arc<PreparedStatement>>,
+    /// Encoding stopped before `ops[op]`: the statement named `key` is not on this
+    /// connection yet and has a shape to keep, so its new copy (the last of `shaped`)
+    /// is compared with that shape before anything uses it.
+    stopped: Option<Stop>,
+    /// A statement (by `hash`) whose copy in the server's unnamed statement was checked
+    /// by the batch's previous part: its next use takes it as it is.
+    checked: Option<u64>,
+}
+
+/// Where and why `Batch::encode` stopped early.
+#[derive(Clone, Copy)]
+struct Stop {
+    op: usize,
+    /// The statement's name on the connection (`None`: the unnamed statement).
+    key: Option<u64>,
 }
 
 /// What decides whether (and under which name) a shared statement is kept.
@@ -281,6 +309,9 @@ impl<'a> Batch<'a> {
             router_error: false,
             settings,
             kept,
+            shaped: Vec::new(),
+            stopped: None,
+            checked: None,
         }
     }
 
@@ -300,21 +331,35 @@ impl<'a> Batch<'a> {
     /// batch sent to several shards at once, whose answers must line up step for step).
     /// `record`: this use counts toward the text's "run before" (a Bind does; a
     /// Describe, which usually precedes the Bind of the same text, does not).
+    ///
+    /// A client's named statement made on a connection is described there too, so its
+    /// first copy gives it its shape. When it has one, its new copy must be compared
+    /// with it before any use: `None` then, with the Parse and Describe written and the
+    /// batch to be stopped there. (So a named statement that runs on several shards at
+    /// once, parsed unnamed each time, costs one round trip more than others.)
     fn ensure(
         &mut self,
         out: &mut BytesMut,
         prepared: Option<&mut foldhash::HashSet<u64>>,
-        st: &PreparedStatement,
+        st: &Arc<PreparedStatement>,
         record: bool,
-    ) -> (ServerName, Option<u64>) {
+    ) -> Option<(ServerName, Option<u64>)> {
+        let named = !st.shared && !st.unnamed;
+        let shape = st.shape.get();
         let (key, create) = match (st.server_key(self.settings, self.kept.epoch), prepared) {
             (Some(h), Some(prepared)) if prepared.contains(&h) => (Some(h), false),
+            (_, None) if named && self.checked.take_if(|h| *h == st.hash).is_some() => {
+                (None, false)
+            }
             (Some(h), Some(prepared)) => {
                 if st.shared && !self.kept.seen.keep_new(prepared.len(), st.hash, record) {
                     // Parsed unnamed.
                     (None, true)
                 } else {
-                    prepared.insert(h);
+                    if !(named && shape.is_some()) {
+                        // (One to check is recorded once it passed.)
+                        prepared.insert(h);
+                    }
                     (Some(h), true)
                 }
             }
@@ -322,17 +367,38 @@ impl<'a> Batch<'a> {
         };
         let name = ServerName::new(key);
         if create {
-            messages::parse(out, name.as_str(), &st.sql, &st.param_types);
+            // PostgreSQL keeps the parameter types a statement was prepared with.
+            let types = shape.map_or(&st.param_types[..], |s| &s.params[..]);
+            messages::parse(out, name.as_str(), &st.sql, types);
             let idx = self.step(StepKind::Parse, false);
+            if named {
+                messages::target(out, b'D', b'S', name.as_str());
+                self.step(StepKind::Shape, false);
+                self.shaped.push(st.clone());
+                if shape.is_some() {
+                    self.stopped = Some(Stop { op: 0, key });
+                    return None;
+                }
+            }
             if let Some(h) = key {
                 self.uses.push((Use::Created, idx, h));
             }
         }
-        (name, key)
+        Some((name, key))
+    }
+
+    /// End the batch before `ops[op]` (see `stopped`) with a Flush: the shard answers
+    /// what was sent, and the rest of the ops is sent once the new copy passed.
+    fn stop_at(&mut self, out: &mut BytesMut, op: usize) {
+        if let Some(stop) = self.stopped.as_mut() {
+            stop.op = op;
+        }
+        messages::empty_message(out, b'H');
     }
 
     /// Write `ops` to `out`, each statement named as `ensure` decides, then Sync (or
-    /// Flush, so the shard answers now; its Sync comes with the client's).
+    /// Flush, so the shard answers now; its Sync comes with the client's). Stops early
+    /// where a statement's new copy must be checked first (see `stopped`).
     fn encode(
         &mut self,
         out: &mut BytesMut,
@@ -340,14 +406,18 @@ impl<'a> Batch<'a> {
         ops: &[Op],
         sync: bool,
     ) {
-        for op in ops {
+        for (i, op) in ops.iter().enumerate() {
             match op {
                 Op::Bind {
                     portal,
                     statement,
                     rest,
                 } => {
-                    let (name, key) = self.ensure(out, prepared.as_deref_mut(), statement, true);
+                    let Some((name, key)) =
+                        self.ensure(out, prepared.as_deref_mut(), statement, true)
+                    else {
+                        return self.stop_at(out, i);
+                    };
                     messages::rebind(out, portal, name.as_str(), rest);
                     let idx = self.step(StepKind::Bind, true);
                     if let (true, Some(h)) = (statement.shared, key) {
@@ -355,7 +425,11 @@ impl<'a> Batch<'a> {
                     }
                 }
                 Op::DescribeStatement(statement) => {
-                    let (name, key) = self.ensure(out, prepared.as_deref_mut(), statement, false);
+                    let Some((name, key)) =
+                        self.ensure(out, prepared.as_deref_mut(), statement, false)
+                    else {
+                        return self.stop_at(out, i);
+                    };
                     messages::target(out, b'D', b'S', name.as_str());
                     let idx = self.step(StepKind::DescribeStatement, true);
                     if let (true, Some(h)) = (statement.shared, key) {
@@ -443,6 +517,23 @@ fn text_may_differ(answer: &[u8]) -> bool {
             Some((b'P', _)) => true,
             _ => false,
         })
+}
+
+/// The error for a prepared statement whose result columns changed since it was
+/// prepared: PostgreSQL's own (drivers such as pgjdbc and pgx recognise it by its code,
+/// message and routine, prepare the statement again and retry).
+fn result_type_changed() -> PgError {
+    PgError::error(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        "cached plan must not change result type",
+    )
+    .with_detail(
+        "the prepared statement's result columns changed since it was prepared (the \
+         schema changed); its results would no longer match the columns already \
+         described",
+    )
+    .with_hint("prepare the statement again")
+    .with_routine(crate::protocol::error::Routine::RevalidateCachedQuery)
 }
 
 /// Send pending groups early once they hold this much, so a huge pipeline is not held
@@ -619,6 +710,8 @@ impl Session {
         } else {
             let mut h = DefaultHasher::new();
             self.id.hash(&mut h);
+            self.named_parsed += 1;
+            self.named_parsed.hash(&mut h);
             p.name.hash(&mut h);
             p.sql.hash(&mut h);
             p.param_types.hash(&mut h);
@@ -631,6 +724,7 @@ impl Session {
             param_types: p.param_types,
             plan,
             hash,
+            shape: Default::default(),
         };
         self.statements.insert(p.name.to_owned(), Arc::new(stmt));
         self.add_op(Target::Local, synthetic(b'1'));
@@ -964,22 +1058,20 @@ impl Session {
         // before would have been rolled back by the error) and no transaction block
         // is open (the error failed it).
         let may_rerun = sync && !self.pending.unsynced.contains(&shard) && self.txn.is_none();
-        if sync {
-            self.pending.unsynced.remove(&shard);
-        } else {
-            self.pending.unsynced.insert(shard);
-        }
         // The session's queues, reused: no allocation per batch.
         let mut steps = std::mem::take(&mut self.steps);
         let mut uses = std::mem::take(&mut self.statement_uses);
         // What the client is owed so far, to take back if the batch is run again.
         let mark = self.client.mark();
-        self.client.hold_first_error = may_rerun;
         let epoch = self.shared.schema_epoch();
         let mut retried = false;
         // Settings changed inside the open block, or by a statement the router cannot
         // follow, are not in the connection's fingerprint yet.
         let settings_known = !self.dirty && self.txn.as_ref().is_none_or(|t| t.replay.is_empty());
+        // The first op not sent yet: the batch goes in parts when a statement's new
+        // copy must be checked before it is used (`Batch::stopped`).
+        let mut start = 0;
+        let mut synced = sync;
         let (result, router_error) = loop {
             let Some(conn) = self.held.get_mut(&shard) else {
                 break (Ok(crate::merge::Outcome::default()), false);
@@ -989,55 +1081,91 @@ impl Session {
                 epoch,
                 seen: &self.shared.seen_texts,
             };
-            let batch = encode_single(conn, ops, sync, kept, &mut steps, &mut uses);
+            let mut batch = encode_single(conn, &ops[start..], sync, kept, &mut steps, &mut uses);
             let (router_error, first_forwarded) = (batch.router_error, batch.first_forwarded);
-            let result = match conn.flush().await {
+            let (stopped, shaped) = (batch.stopped, std::mem::take(&mut batch.shaped));
+            synced = sync && stopped.is_none();
+            // Only a batch sent whole, with its Sync, can be run again.
+            let rerunnable = may_rerun && start == 0 && stopped.is_none();
+            self.client.hold_first_error = rerunnable;
+            let mut result = match conn.flush().await {
                 Ok(()) => relay_single(conn, &mut self.client, &mut steps).await,
                 Err(e) => Err(RelayError::Backend(e)),
             };
-            let Ok(out) = &result else {
+            let Ok(out) = &mut result else {
                 break (result, router_error);
             };
-            let Some(failed_at) = out.failed_step else {
-                break (result, router_error);
-            };
-            // A Parse that failed, or was skipped after an earlier error, created
-            // nothing on the server.
-            for (kind, idx, hash) in &uses {
-                if *kind == Use::Created && *idx >= failed_at {
-                    conn.prepared.remove(hash);
+            for (st, shape) in shaped.iter().zip(&out.shapes) {
+                st.shape.get_or_init(|| shape.clone());
+            }
+            if let Some(failed_at) = out.failed_step {
+                // A Parse that failed, or was skipped after an earlier error, created
+                // nothing on the server.
+                for (kind, idx, hash) in &uses {
+                    if *kind == Use::Created && *idx >= failed_at {
+                        conn.prepared.remove(hash);
+                    }
                 }
+                if let Some(key) = stopped.and_then(|stop| stop.key) {
+                    // Whether or not its copy was made (closing none is no error).
+                    conn.stale.push(key);
+                }
+                // An error at a kept statement: PostgreSQL revalidates a kept statement
+                // against the current schema with the parameter types it inferred when
+                // the statement was made, so after DDL it can fail where a fresh parse
+                // would not ("cached plan must not change result type", or an operator
+                // that no longer exists for the old type). The statement is dropped from
+                // the connection; when the batch can run again and nothing but the error
+                // reached the client, it runs again with the statement parsed afresh, as
+                // PostgreSQL parses the unnamed statement. An error the fresh parse gives
+                // too is then reported.
+                let kept = uses
+                    .iter()
+                    .find(|(kind, idx, _)| *kind == Use::Shared && *idx == failed_at);
+                let Some(&(_, _, hash)) = kept else {
+                    break (result, router_error);
+                };
+                conn.retire_statement(hash);
+                let rerun = rerunnable
+                    && !retried
+                    && first_forwarded == Some(failed_at)
+                    && !out.async_frames
+                    && self.client.unsent_since(mark);
+                if !rerun {
+                    break (result, router_error);
+                }
+                tracing::debug!(shard, "a kept statement failed; running the batch again");
+                self.client.take_back(mark);
+                retried = true;
+                continue;
             }
-            // An error at a kept statement: PostgreSQL revalidates a kept statement
-            // against the current schema with the parameter types it inferred when the
-            // statement was made, so after DDL it can fail where a fresh parse would not
-            // ("cached plan must not change result type", or an operator that no longer
-            // exists for the old type). The statement is dropped from the connection;
-            // when the batch can run again and nothing but the error reached the client,
-            // it runs again with the statement parsed afresh, as PostgreSQL parses the
-            // unnamed statement. An error the fresh parse gives too is then reported.
-            let kept = uses
-                .iter()
-                .find(|(kind, idx, _)| *kind == Use::Shared && *idx == failed_at);
-            let Some(&(_, _, hash)) = kept else {
+            let Some(stop) = stopped else {
                 break (result, router_error);
             };
-            conn.retire_statement(hash);
-            let rerun = may_rerun
-                && !retried
-                && first_forwarded == Some(failed_at)
-                && !out.async_frames
-                && self.client.unsent_since(mark);
-            if !rerun {
-                break (result, router_error);
+            let wanted = shaped.last().and_then(|st| st.shape.get());
+            if out.shapes.len() == shaped.len() && out.shapes.last() == wanted {
+                conn.prepared.extend(stop.key);
+                start += stop.op;
+                continue;
             }
-            tracing::debug!(shard, "a kept statement failed; running the batch again");
-            self.client.take_back(mark);
-            retried = true;
+            // The new copy has other result columns than the client decodes by (DDL
+            // since the statement was prepared): refused as PostgreSQL refuses its own
+            // kept statement then, before it runs. The shard's transaction is made to
+            // fail at the client's Sync.
+            conn.stale.extend(stop.key);
+            tracing::debug!(shard, "a prepared statement's result columns changed");
+            result_type_changed().encode(&mut self.client.wbuf);
+            out.error = true;
+            break (result, router_error);
         };
         self.client.hold_first_error = false;
         self.steps = steps;
         self.statement_uses = uses;
+        if synced {
+            self.pending.unsynced.remove(&shard);
+        } else {
+            self.pending.unsynced.insert(shard);
+        }
         let ok = self.finish_relay(&[shard], result)?;
         Ok(ok && !router_error)
     }
@@ -1165,37 +1293,73 @@ impl Session {
         // The session's queues, reused: no allocation per batch.
         let mut steps = std::mem::take(&mut self.steps);
         let mut uses = std::mem::take(&mut self.statement_uses);
-        steps.clear();
         let kept = KeptStatements {
             settings_known: false,
             epoch: 0,
             seen: &self.shared.seen_texts,
         };
-        let mut batch = Batch::new(&mut steps, &mut uses, u64::MAX, kept);
-        batch.encode(&mut wire, None, ops, sync);
-        let router_error = batch.router_error;
-        self.statement_uses = uses;
-        let mut conns = Vec::with_capacity(shards.len());
-        for (id, c) in self.held.iter_mut() {
-            if shards.contains(id) {
-                c.wbuf.extend_from_slice(&wire);
-                conns.push(&mut **c);
+        // As in `run_single`, the batch goes in parts when a statement's new copies must
+        // be checked before they are used.
+        let mut start = 0;
+        let mut checked = None;
+        let mut synced;
+        let (result, router_error) = loop {
+            steps.clear();
+            wire.clear();
+            let mut batch = Batch::new(&mut steps, &mut uses, u64::MAX, kept);
+            batch.checked = checked.take();
+            batch.encode(&mut wire, None, &ops[start..], sync);
+            let router_error = batch.router_error;
+            let (stopped, shaped) = (batch.stopped, std::mem::take(&mut batch.shaped));
+            synced = sync && stopped.is_none();
+            let mut conns = Vec::with_capacity(shards.len());
+            for (id, c) in self.held.iter_mut() {
+                if shards.contains(id) {
+                    c.wbuf.extend_from_slice(&wire);
+                    conns.push(&mut **c);
+                }
             }
-        }
-        let mut sent = Ok(());
-        for c in conns.iter_mut() {
-            if let Err(e) = c.flush().await {
-                sent = Err(e);
-                break;
+            let mut sent = Ok(());
+            for c in conns.iter_mut() {
+                if let Err(e) = c.flush().await {
+                    sent = Err(e);
+                    break;
+                }
             }
-        }
-        let result = match sent {
-            Ok(()) => relay_multi(&mut conns, &mut self.client, &mut steps, combine).await,
-            Err(e) => Err(RelayError::Backend(e)),
+            let mut result = match sent {
+                Ok(()) => relay_multi(&mut conns, &mut self.client, &mut steps, combine).await,
+                Err(e) => Err(RelayError::Backend(e)),
+            };
+            let Ok(out) = &mut result else {
+                break (result, router_error);
+            };
+            if out.error {
+                break (result, router_error);
+            }
+            // Without an error, each Shape step is answered by every shard in turn.
+            let per_step = conns.len().max(1);
+            for (st, shapes) in shaped.iter().zip(out.shapes.chunks(per_step)) {
+                st.shape.get_or_init(|| shapes[0].clone());
+            }
+            let Some(stop) = stopped else {
+                break (result, router_error);
+            };
+            let wanted = shaped.last().and_then(|st| st.shape.get());
+            let found = out.shapes.get((shaped.len() - 1) * per_step..);
+            if found.is_some_and(|f| f.len() == per_step && f.iter().all(|s| Some(s) == wanted)) {
+                checked = shaped.last().map(|st| st.hash);
+                start += stop.op;
+                continue;
+            }
+            tracing::debug!(?shards, "a prepared statement's result columns changed");
+            result_type_changed().encode(&mut self.client.wbuf);
+            out.error = true;
+            break (result, router_error);
         };
         self.steps = steps;
+        self.statement_uses = uses;
         for s in shards {
-            if sync {
+            if synced {
                 self.pending.unsynced.remove(s);
             } else {
                 self.pending.unsynced.insert(*s);

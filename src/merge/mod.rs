@@ -30,6 +30,9 @@ pub enum StepKind {
     DescribeStatement,
     /// Describe of a portal: RowDescription or NoData.
     DescribePortal,
+    /// Describe of a statement that the router sends to learn the statement's shape:
+    /// never forwarded; the relay records the answer in `Outcome::shapes`.
+    Shape,
     Execute,
     Close,
     Sync,
@@ -43,7 +46,9 @@ impl StepKind {
             StepKind::Parse => tag == b'1',
             StepKind::Bind => tag == b'2',
             StepKind::Close => tag == b'3',
-            StepKind::DescribeStatement | StepKind::DescribePortal => tag == b'T' || tag == b'n',
+            StepKind::DescribeStatement | StepKind::DescribePortal | StepKind::Shape => {
+                tag == b'T' || tag == b'n'
+            }
             StepKind::Execute => matches!(tag, b'C' | b'I' | b's'),
         }
     }
@@ -86,6 +91,69 @@ pub struct Outcome {
     pub failed_step: Option<usize>,
     /// A notice, ParameterStatus or notification was relayed.
     pub async_frames: bool,
+    /// The answers to the `StepKind::Shape` steps, in order.
+    pub shapes: Vec<StatementShape>,
+}
+
+/// What a prepared statement looks like to a client: the answer to Describe of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatementShape {
+    /// The parameter types (ParameterDescription).
+    pub params: Vec<u32>,
+    /// The comparable part of its RowDescription (`row_shape`); `None` for NoData.
+    pub rows: Option<Vec<u8>>,
+}
+
+impl Outcome {
+    /// Record a frame answering a `StepKind::Shape` step (ParameterDescription, then
+    /// RowDescription or NoData).
+    fn record_shape(&mut self, frame: &[u8]) {
+        let body = frame.get(5..).unwrap_or_default();
+        match frame.first() {
+            Some(b't') => {
+                let params = body
+                    .get(2..)
+                    .unwrap_or_default()
+                    .chunks_exact(4)
+                    .map(|o| u32::from_be_bytes([o[0], o[1], o[2], o[3]]))
+                    .collect();
+                self.shapes.push(StatementShape { params, rows: None });
+            }
+            Some(b'T') => {
+                if let Some(last) = self.shapes.last_mut() {
+                    last.rows = Some(row_shape(body));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The comparable part of a RowDescription body: column names, types, typmods and
+/// formats (table OIDs and column numbers differ between shards and are left out, as
+/// PostgreSQL leaves them out when it checks that a cached plan's result type stayed).
+pub(crate) fn row_shape(body: &[u8]) -> Vec<u8> {
+    let mut shape = Vec::with_capacity(body.len());
+    if body.len() < 2 {
+        return body.to_vec();
+    }
+    shape.extend_from_slice(&body[..2]);
+    let mut pos = 2;
+    while pos < body.len() {
+        let Some(end) = body[pos..].iter().position(|b| *b == 0) else {
+            shape.extend_from_slice(&body[pos..]);
+            break;
+        };
+        shape.extend_from_slice(&body[pos..pos + end + 1]);
+        pos += end + 1;
+        // table oid (4) and attnum (2) skipped; type oid 4, typlen 2, typmod 4, format 2 kept.
+        let fixed = body.get(pos..pos + 18).unwrap_or(&[]);
+        if fixed.len() == 18 {
+            shape.extend_from_slice(&fixed[6..]);
+        }
+        pos += 18;
+    }
+    shape
 }
 
 /// Why a relay stopped early.

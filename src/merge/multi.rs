@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 
 use bytes::BytesMut;
 
-use super::{skip_to_sync, Combine, Outcome, RelayError, Step, StepKind};
+use super::{row_shape, skip_to_sync, Combine, Outcome, RelayError, Step, StepKind};
 use crate::backend::ServerConn;
 use crate::frontend::client::ClientConn;
 use crate::protocol::messages;
@@ -45,6 +45,9 @@ pub async fn relay_multi(
                 let frame = super::next_frame(conn, client).await?;
                 let tag = frame[0];
                 let terminal = kind.is_terminal(tag);
+                if kind == StepKind::Shape {
+                    out.record_shape(&frame);
+                }
                 match tag {
                     b'N' | b'A' => {
                         client.wbuf.extend_from_slice(&frame);
@@ -208,31 +211,6 @@ impl StepAccumulator {
             .as_ref()
             .map(|p| format!("{p} {}", self.count))
     }
-}
-
-/// The comparable part of a RowDescription body.
-fn row_shape(body: &[u8]) -> Vec<u8> {
-    let mut shape = Vec::with_capacity(body.len());
-    if body.len() < 2 {
-        return body.to_vec();
-    }
-    shape.extend_from_slice(&body[..2]);
-    let mut pos = 2;
-    while pos < body.len() {
-        let Some(end) = body[pos..].iter().position(|b| *b == 0) else {
-            shape.extend_from_slice(&body[pos..]);
-            break;
-        };
-        shape.extend_from_slice(&body[pos..pos + end + 1]);
-        pos += end + 1;
-        // table oid (4) and attnum (2) skipped; type oid 4, typlen 2, typmod 4, format 2 kept.
-        let fixed = body.get(pos..pos + 18).unwrap_or(&[]);
-        if fixed.len() == 18 {
-            shape.extend_from_slice(&fixed[6..]);
-        }
-        pos += 18;
-    }
-    shape
 }
 
 #[cfg(test)]

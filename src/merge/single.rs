@@ -71,6 +71,14 @@ pub async fn relay_single(
                 client.flush().await?;
                 copy_in(conn, client, kind == super::StepKind::Execute).await?;
             }
+            _ if kind == super::StepKind::Shape => {
+                out.record_shape(conn.frame(n));
+                conn.consume(n);
+                if kind.is_terminal(tag) {
+                    steps.pop_front();
+                    done += 1;
+                }
+            }
             _ => {
                 if forward {
                     client.wbuf.extend_from_slice(conn.frame(n));

@@ -18,6 +18,25 @@ pub struct PgError {
     pub hint: Option<String>,
     /// 1-based character position in the query string.
     pub position: Option<u32>,
+    /// The PostgreSQL source routine that raises this error, for an error the router
+    /// raises in PostgreSQL's place (drivers recognise some errors by it).
+    pub routine: Option<Routine>,
+}
+
+/// PostgreSQL source routines whose errors the router raises in their place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routine {
+    /// "cached plan must not change result type" (pgjdbc prepares the statement again
+    /// and retries when it sees this routine).
+    RevalidateCachedQuery,
+}
+
+impl Routine {
+    fn as_str(self) -> &'static str {
+        match self {
+            Routine::RevalidateCachedQuery => "RevalidateCachedQuery",
+        }
+    }
 }
 
 impl PgError {
@@ -29,6 +48,7 @@ impl PgError {
             detail: None,
             hint: None,
             position: None,
+            routine: None,
         }
     }
 
@@ -61,6 +81,11 @@ impl PgError {
         self
     }
 
+    pub fn with_routine(mut self, routine: Routine) -> Self {
+        self.routine = Some(routine);
+        self
+    }
+
     /// Append as an ErrorResponse (`E`), or NoticeResponse (`N`) for warnings/notices.
     pub fn encode(&self, buf: &mut BytesMut) {
         let tag = if matches!(self.severity, "ERROR" | "FATAL" | "PANIC") {
@@ -87,6 +112,9 @@ impl PgError {
         }
         if let Some(p) = self.position {
             field(b'P', &p.to_string());
+        }
+        if let Some(r) = self.routine {
+            field(b'R', r.as_str());
         }
         buf.put_u8(0);
         finish(buf, at);
