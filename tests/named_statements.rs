@@ -193,7 +193,7 @@ async fn a_fresh_copy_keeps_the_parameter_types_it_was_prepared_with() {
 }
 
 #[tokio::test]
-async fn a_refused_copy_fails_its_transaction_block_and_loses_nothing_else() {
+async fn a_refused_copy_fails_its_transaction_block() {
     fresh_table_s0("ns_block", "id int, a text, b text").await;
     fresh_table_s0("ns_block_log", "n int").await;
     on_s0("INSERT INTO ns_block VALUES (1, 'aaa', 'bbb')").await;
@@ -215,7 +215,10 @@ async fn a_refused_copy_fails_its_transaction_block_and_loses_nothing_else() {
         "25P02",
         "the block failed",
     );
-    c.batch_execute("ROLLBACK").await.expect("rollback");
+    // COMMIT of the failed block commits nothing: the shard's block failed too.
+    c.batch_execute("COMMIT")
+        .await
+        .expect("commit ends the block");
     holder.batch_execute("COMMIT").await.expect("commit");
     let n: i64 = common::shard(0)
         .await
@@ -223,7 +226,7 @@ async fn a_refused_copy_fails_its_transaction_block_and_loses_nothing_else() {
         .await
         .expect("count")
         .get(0);
-    assert_eq!(n, 0, "the rolled back block left nothing");
+    assert_eq!(n, 0, "the failed block left nothing");
     // The session goes on normally.
     assert_eq!(
         c.query_one("SELECT 41 + 1", &[])
@@ -385,10 +388,33 @@ async fn a_statement_that_spans_shards_is_refused_when_its_columns_changed() {
     assert_eq!(keys(&rows), (1..=8).collect::<Vec<i64>>());
     assert!(rows.iter().all(|r| r.get::<_, String>("b") == "bbb"));
 
-    // A change that keeps the columns: still runs.
+    // A change that keeps the columns: still runs, also twice in one batch (each use
+    // is parsed and checked on every shard).
     on_every_shard("CREATE INDEX IF NOT EXISTS ns_fan_a ON ns_fan (a)").await;
     let rows = c.query(&stmt, &[&"aaa"]).await.expect("same columns");
     assert_eq!(rows.len(), 8);
+    let mut raw = RawClient::connect(&r).await;
+    let mut b = BytesMut::new();
+    wire::parse(&mut b, "f", "SELECT * FROM ns_fan WHERE a = $1", &[]);
+    wire::describe(&mut b, b'S', "f");
+    wire::sync(&mut b);
+    raw.send(&b).await;
+    assert_eq!(common::raw_tags(&raw.until_ready().await), "1tTZ");
+    let mut b = BytesMut::new();
+    run_named(&mut b, "f", &["aaa"]);
+    run_named(&mut b, "f", &["bbb"]);
+    run_named(&mut b, "f", &["aaa"]);
+    wire::sync(&mut b);
+    raw.send(&b).await;
+    let got = raw.until_ready().await;
+    let tags = common::raw_tags(&got);
+    assert_eq!(
+        tags,
+        format!("2{}C2C2{}CZ", "D".repeat(8), "D".repeat(8)),
+        "{}",
+        raw_show(&got)
+    );
+    drop(raw);
 
     // `a` moves to the end on every shard.
     on_every_shard(
@@ -494,4 +520,77 @@ async fn a_name_prepared_again_after_the_change_runs_on_every_connection() {
     drop((c, holder));
     r.stop().await;
     drop_table_s0("ns_again").await;
+}
+
+#[tokio::test]
+async fn a_copy_that_no_longer_parses_reports_the_shards_error() {
+    fresh_table_s0("ns_gone", "id int, a text").await;
+    on_s0("INSERT INTO ns_gone VALUES (1, 'aaa')").await;
+    let r = router_pool2().await;
+    let c = connect(&r).await;
+    let stmt = c
+        .prepare("SELECT a, pg_backend_pid() FROM ns_gone WHERE id = $1")
+        .await
+        .expect("prepare");
+    let first_pid = pid_of(&c.query_one(&stmt, &[&1i32]).await.expect("first run"));
+    on_s0("ALTER TABLE ns_gone DROP COLUMN a").await;
+    let holder = hold(&r, first_pid).await;
+    let err = expect_sqlstate(c.query(&stmt, &[&1i32]).await, "42703", "column gone");
+    assert!(err.message().contains("\"a\""), "{err:?}");
+    // The session and the connection go on.
+    let row = c
+        .query_one("SELECT count(*) FROM ns_gone", &[])
+        .await
+        .expect("after");
+    assert_eq!(row.get::<_, i64>(0), 1);
+    drop((c, holder));
+    r.stop().await;
+    drop_table_s0("ns_gone").await;
+}
+
+#[tokio::test]
+async fn a_stale_kept_unnamed_query_before_a_check_still_runs_again() {
+    // An unnamed query kept on the connection and made stale by a change runs again
+    // parsed afresh, as it would alone, when its batch also holds a named statement
+    // that must be checked on that connection first.
+    fresh_table_s0("ns_mix", "id int, a text, b text").await;
+    fresh_table_s0("ns_mix_named", "id int, v text").await;
+    on_s0("INSERT INTO ns_mix VALUES (1, 'aaa', 'bbb'); INSERT INTO ns_mix_named VALUES (1, 'v1')")
+        .await;
+    let r = router_pool2().await;
+    let mut c = RawClient::connect(&r).await;
+    let named = "SELECT v, pg_backend_pid() FROM ns_mix_named WHERE id = $1::int";
+    let row = only_row(&prepare_and_run(&mut c, "q", named, "1").await);
+    let first_pid: i32 = row[1].as_deref().expect("pid").parse().expect("number");
+    let holder = hold(&r, first_pid).await;
+    // Kept on the other connection from its second use on.
+    let unnamed = "SELECT * FROM ns_mix";
+    for _ in 0..2 {
+        let mut b = BytesMut::new();
+        wire::parse(&mut b, "", unnamed, &[]);
+        wire::bind(&mut b, "", "", &[]);
+        wire::execute(&mut b, "", 0);
+        wire::sync(&mut b);
+        c.send(&b).await;
+        only_row(&c.until_ready().await);
+    }
+    on_s0("ALTER TABLE ns_mix DROP COLUMN a, ADD COLUMN a text; UPDATE ns_mix SET a = 'aaa'").await;
+    let mut b = BytesMut::new();
+    wire::parse(&mut b, "", unnamed, &[]);
+    wire::bind(&mut b, "", "", &[]);
+    wire::describe(&mut b, b'P', "");
+    wire::execute(&mut b, "", 0);
+    run_named(&mut b, "q", &["1"]);
+    wire::sync(&mut b);
+    c.send(&b).await;
+    let got = c.until_ready().await;
+    assert_eq!(common::raw_tags(&got), "12TDC2DCZ", "{}", raw_show(&got));
+    let described = got[2].column_names();
+    assert_eq!(described, ["id", "b", "a"], "{}", raw_show(&got));
+    assert_eq!(got[3].values()[2].as_deref(), Some("aaa"));
+    assert_eq!(got[6].values()[0].as_deref(), Some("v1"));
+    drop((c, holder));
+    r.stop().await;
+    drop_table_s0("ns_mix").await;
+    drop_table_s0("ns_mix_named").await;
 }

@@ -4,7 +4,8 @@
 //! the target changes, at Flush and at Sync. The router answers Parse and Close itself
 //! (statements live in the session, not on a particular server connection) and creates
 //! each statement on whichever pooled connection runs it, under a name derived from its
-//! text and parameter types, so a connection parses it once however many clients use it.
+//! text and parameter types (and, for a client's named statement, from the client's
+//! session), so a connection parses it once however many uses it has.
 //! A client's named statement keeps the parameter types and result columns of its first
 //! copy: a later copy on another connection is parsed with those types and compared
 //! before use (`Batch::ensure`), as PostgreSQL holds its own statements to them.
@@ -32,10 +33,10 @@ pub struct PreparedStatement {
     /// The router's analysis: zero statements (empty query) or one.
     pub plan: Arc<QueryPlan>,
     /// Identifies the statement on server connections (`sw_<hash>`). For a named
-    /// statement: a hash of the client session, how many statements it prepared before,
-    /// its statement name, the text and the parameter types, so that clients never share
-    /// a server statement. For a shared
-    /// one: of the text and parameter types only.
+    /// statement: a hash of the client session, how many statements it prepared before
+    /// (so a name prepared again never meets its predecessor's copies), its statement
+    /// name, the text and the parameter types; clients never share one. For a shared
+    /// statement: of the text and parameter types only.
     pub hash: u64,
     /// The client's unnamed statement.
     pub unnamed: bool,
@@ -333,24 +334,28 @@ impl<'a> Batch<'a> {
     /// Describe, which usually precedes the Bind of the same text, does not).
     ///
     /// A client's named statement made on a connection is described there too, so its
-    /// first copy gives it its shape. When it has one, its new copy must be compared
-    /// with it before any use: `None` then, with the Parse and Describe written and the
-    /// batch to be stopped there. (So a named statement that runs on several shards at
-    /// once, parsed unnamed each time, costs one round trip more than others.)
+    /// first copy gives it its shape. When it has one, a new copy must be compared with
+    /// it before any use: `None` then, with the Parse and Describe written and the batch
+    /// stopped before `ops[op]` (`stopped`). A named statement sent to several shards
+    /// is parsed unnamed each time, so it is checked at each use, except right after
+    /// its check (`checked`).
     fn ensure(
         &mut self,
         out: &mut BytesMut,
         prepared: Option<&mut foldhash::HashSet<u64>>,
         st: &Arc<PreparedStatement>,
         record: bool,
+        op: usize,
     ) -> Option<(ServerName, Option<u64>)> {
         let named = !st.shared && !st.unnamed;
+        if named && prepared.is_none() && self.checked == Some(st.hash) {
+            // The server's unnamed statement is the copy that was just checked.
+            self.checked = None;
+            return Some((ServerName::new(None), None));
+        }
         let shape = st.shape.get();
         let (key, create) = match (st.server_key(self.settings, self.kept.epoch), prepared) {
             (Some(h), Some(prepared)) if prepared.contains(&h) => (Some(h), false),
-            (_, None) if named && self.checked.take_if(|h| *h == st.hash).is_some() => {
-                (None, false)
-            }
             (Some(h), Some(prepared)) => {
                 if st.shared && !self.kept.seen.keep_new(prepared.len(), st.hash, record) {
                     // Parsed unnamed.
@@ -376,7 +381,7 @@ impl<'a> Batch<'a> {
                 self.step(StepKind::Shape, false);
                 self.shaped.push(st.clone());
                 if shape.is_some() {
-                    self.stopped = Some(Stop { op: 0, key });
+                    self.stopped = Some(Stop { op, key });
                     return None;
                 }
             }
@@ -385,15 +390,6 @@ impl<'a> Batch<'a> {
             }
         }
         Some((name, key))
-    }
-
-    /// End the batch before `ops[op]` (see `stopped`) with a Flush: the shard answers
-    /// what was sent, and the rest of the ops is sent once the new copy passed.
-    fn stop_at(&mut self, out: &mut BytesMut, op: usize) {
-        if let Some(stop) = self.stopped.as_mut() {
-            stop.op = op;
-        }
-        messages::empty_message(out, b'H');
     }
 
     /// Write `ops` to `out`, each statement named as `ensure` decides, then Sync (or
@@ -414,9 +410,10 @@ impl<'a> Batch<'a> {
                     rest,
                 } => {
                     let Some((name, key)) =
-                        self.ensure(out, prepared.as_deref_mut(), statement, true)
+                        self.ensure(out, prepared.as_deref_mut(), statement, true, i)
                     else {
-                        return self.stop_at(out, i);
+                        // The shard answers what was sent; the rest follows the check.
+                        return messages::empty_message(out, b'H');
                     };
                     messages::rebind(out, portal, name.as_str(), rest);
                     let idx = self.step(StepKind::Bind, true);
@@ -426,9 +423,9 @@ impl<'a> Batch<'a> {
                 }
                 Op::DescribeStatement(statement) => {
                     let Some((name, key)) =
-                        self.ensure(out, prepared.as_deref_mut(), statement, false)
+                        self.ensure(out, prepared.as_deref_mut(), statement, false, i)
                     else {
-                        return self.stop_at(out, i);
+                        return messages::empty_message(out, b'H');
                     };
                     messages::target(out, b'D', b'S', name.as_str());
                     let idx = self.step(StepKind::DescribeStatement, true);
@@ -910,7 +907,9 @@ impl Session {
     fn on_close(&mut self, body: &Bytes) -> Result<(), SessionError> {
         let t = messages::parse_target(body, "Close").map_err(malformed)?;
         if t.kind == b'S' {
-            // Server connections keep their copy: another use of the same text reuses it.
+            // Server connections keep their copies (a shared statement's serves another
+            // use of the same text; a named one's stays until its connection is next
+            // cleared of statements, see `MAX_PREPARED_PER_CONN`).
             self.statements.remove(t.name);
             self.add_op(Target::Local, synthetic(b'3'));
             return Ok(());
@@ -1062,7 +1061,7 @@ impl Session {
         let mut steps = std::mem::take(&mut self.steps);
         let mut uses = std::mem::take(&mut self.statement_uses);
         // What the client is owed so far, to take back if the batch is run again.
-        let mark = self.client.mark();
+        let mut mark = self.client.mark();
         let epoch = self.shared.schema_epoch();
         let mut retried = false;
         // Settings changed inside the open block, or by a statement the router cannot
@@ -1072,7 +1071,8 @@ impl Session {
         // copy must be checked before it is used (`Batch::stopped`).
         let mut start = 0;
         let mut synced = sync;
-        let (result, router_error) = loop {
+        let mut refused = false;
+        let (mut result, router_error) = loop {
             let Some(conn) = self.held.get_mut(&shard) else {
                 break (Ok(crate::merge::Outcome::default()), false);
             };
@@ -1085,14 +1085,15 @@ impl Session {
             let (router_error, first_forwarded) = (batch.router_error, batch.first_forwarded);
             let (stopped, shaped) = (batch.stopped, std::mem::take(&mut batch.shaped));
             synced = sync && stopped.is_none();
-            // Only a batch sent whole, with its Sync, can be run again.
-            let rerunnable = may_rerun && start == 0 && stopped.is_none();
+            // Only a part that starts the batch can be run again: what an earlier part
+            // ran and answered cannot be taken back.
+            let rerunnable = may_rerun && start == 0;
             self.client.hold_first_error = rerunnable;
-            let mut result = match conn.flush().await {
+            let result = match conn.flush().await {
                 Ok(()) => relay_single(conn, &mut self.client, &mut steps).await,
                 Err(e) => Err(RelayError::Backend(e)),
             };
-            let Ok(out) = &mut result else {
+            let Ok(out) = &result else {
                 break (result, router_error);
             };
             for (st, shape) in shaped.iter().zip(&out.shapes) {
@@ -1134,6 +1135,17 @@ impl Session {
                 if !rerun {
                     break (result, router_error);
                 }
+                if stopped.is_some() {
+                    // Sent without a Sync: end the failed implicit transaction first.
+                    messages::empty_message(&mut conn.wbuf, b'S');
+                    let ended = match conn.flush().await {
+                        Ok(()) => discard_to_ready(conn).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = ended {
+                        break (Err(RelayError::Backend(e)), router_error);
+                    }
+                }
                 tracing::debug!(shard, "a kept statement failed; running the batch again");
                 self.client.take_back(mark);
                 retried = true;
@@ -1143,20 +1155,19 @@ impl Session {
                 break (result, router_error);
             };
             let wanted = shaped.last().and_then(|st| st.shape.get());
-            if out.shapes.len() == shaped.len() && out.shapes.last() == wanted {
-                conn.prepared.extend(stop.key);
-                start += stop.op;
-                continue;
+            if out.shapes.len() != shaped.len() || out.shapes.last() != wanted {
+                // The new copy has other result columns than the client decodes by
+                // (DDL since the statement was prepared): refused before it runs, as
+                // PostgreSQL refuses its own kept statement then. The shard's
+                // transaction is made to fail at the client's Sync.
+                conn.stale.extend(stop.key);
+                refused = true;
+                break (result, router_error);
             }
-            // The new copy has other result columns than the client decodes by (DDL
-            // since the statement was prepared): refused as PostgreSQL refuses its own
-            // kept statement then, before it runs. The shard's transaction is made to
-            // fail at the client's Sync.
-            conn.stale.extend(stop.key);
-            tracing::debug!(shard, "a prepared statement's result columns changed");
-            result_type_changed().encode(&mut self.client.wbuf);
-            out.error = true;
-            break (result, router_error);
+            conn.prepared.extend(stop.key);
+            start += stop.op;
+            // Notices of the check are the client's whatever happens next.
+            mark = self.client.mark();
         };
         self.client.hold_first_error = false;
         self.steps = steps;
@@ -1165,6 +1176,12 @@ impl Session {
             self.pending.unsynced.remove(&shard);
         } else {
             self.pending.unsynced.insert(shard);
+        }
+        if refused {
+            self.fail(result_type_changed());
+            if let Ok(out) = &mut result {
+                out.error = true;
+            }
         }
         let ok = self.finish_relay(&[shard], result)?;
         Ok(ok && !router_error)
@@ -1303,7 +1320,8 @@ impl Session {
         let mut start = 0;
         let mut checked = None;
         let mut synced;
-        let (result, router_error) = loop {
+        let mut refused = false;
+        let (mut result, router_error) = loop {
             steps.clear();
             wire.clear();
             let mut batch = Batch::new(&mut steps, &mut uses, u64::MAX, kept);
@@ -1326,35 +1344,35 @@ impl Session {
                     break;
                 }
             }
-            let mut result = match sent {
+            let result = match sent {
                 Ok(()) => relay_multi(&mut conns, &mut self.client, &mut steps, combine).await,
                 Err(e) => Err(RelayError::Backend(e)),
             };
-            let Ok(out) = &mut result else {
+            let Ok(out) = &result else {
                 break (result, router_error);
             };
-            if out.error {
-                break (result, router_error);
-            }
-            // Without an error, each Shape step is answered by every shard in turn.
+            // Each Shape step is answered by every shard in turn; after an error every
+            // later step is skipped, so only the failed step's answers can be short.
             let per_step = conns.len().max(1);
-            for (st, shapes) in shaped.iter().zip(out.shapes.chunks(per_step)) {
+            for (st, shapes) in shaped.iter().zip(out.shapes.chunks_exact(per_step)) {
                 st.shape.get_or_init(|| shapes[0].clone());
             }
             let Some(stop) = stopped else {
                 break (result, router_error);
             };
+            if out.error {
+                break (result, router_error);
+            }
             let wanted = shaped.last().and_then(|st| st.shape.get());
             let found = out.shapes.get((shaped.len() - 1) * per_step..);
-            if found.is_some_and(|f| f.len() == per_step && f.iter().all(|s| Some(s) == wanted)) {
-                checked = shaped.last().map(|st| st.hash);
-                start += stop.op;
-                continue;
+            let same =
+                found.is_some_and(|f| f.len() == per_step && f.iter().all(|s| Some(s) == wanted));
+            if !same {
+                refused = true;
+                break (result, router_error);
             }
-            tracing::debug!(?shards, "a prepared statement's result columns changed");
-            result_type_changed().encode(&mut self.client.wbuf);
-            out.error = true;
-            break (result, router_error);
+            checked = shaped.last().map(|st| st.hash);
+            start += stop.op;
         };
         self.steps = steps;
         self.statement_uses = uses;
@@ -1363,6 +1381,12 @@ impl Session {
                 self.pending.unsynced.remove(s);
             } else {
                 self.pending.unsynced.insert(*s);
+            }
+        }
+        if refused {
+            self.fail(result_type_changed());
+            if let Ok(out) = &mut result {
+                out.error = true;
             }
         }
         let ok = self.finish_relay(shards, result)?;

@@ -111,12 +111,9 @@ impl Outcome {
         let body = frame.get(5..).unwrap_or_default();
         match frame.first() {
             Some(b't') => {
-                let params = body
-                    .get(2..)
-                    .unwrap_or_default()
-                    .chunks_exact(4)
-                    .map(|o| u32::from_be_bytes([o[0], o[1], o[2], o[3]]))
-                    .collect();
+                // A malformed one (never sent by PostgreSQL) matches no real shape.
+                let params = crate::protocol::messages::parse_parameter_description(body)
+                    .unwrap_or_else(|_| vec![u32::MAX]);
                 self.shapes.push(StatementShape { params, rows: None });
             }
             Some(b'T') => {
@@ -132,7 +129,7 @@ impl Outcome {
 /// The comparable part of a RowDescription body: column names, types, typmods and
 /// formats (table OIDs and column numbers differ between shards and are left out, as
 /// PostgreSQL leaves them out when it checks that a cached plan's result type stayed).
-pub(crate) fn row_shape(body: &[u8]) -> Vec<u8> {
+fn row_shape(body: &[u8]) -> Vec<u8> {
     let mut shape = Vec::with_capacity(body.len());
     if body.len() < 2 {
         return body.to_vec();

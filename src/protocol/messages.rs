@@ -389,6 +389,18 @@ pub fn command_tag(body: &[u8]) -> &[u8] {
     body.strip_suffix(&[0]).unwrap_or(body)
 }
 
+/// `t`: the parameter types of a ParameterDescription body.
+pub fn parse_parameter_description(body: &[u8]) -> Result<Vec<u32>, MalformedMessage> {
+    let mut r = Reader::new(body, "ParameterDescription");
+    let n = r.count()?;
+    let mut types = Vec::with_capacity(n);
+    for _ in 0..n {
+        types.push(r.i32()? as u32);
+    }
+    r.finish()?;
+    Ok(types)
+}
+
 /// Parse the cstring pair of a ParameterStatus body.
 pub fn parse_parameter_status(body: &[u8]) -> Option<(String, String)> {
     let mut r = Reader::new(body, "ParameterStatus");
