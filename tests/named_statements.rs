@@ -249,12 +249,12 @@ fn run_named(b: &mut BytesMut, stmt: &str, params: &[&str]) {
 }
 
 /// A raw client prepares `ins` (an INSERT … RETURNING) and, under the names `sel` and
-/// `sel_b`, the statement `sel` (whose last column is the backend pid); runs both of
-/// the latter once, and returns the pid that ran them.
-async fn prepare_three(c: &mut RawClient, ins: &str, sel: &str) -> i32 {
+/// `sel_b`, the two texts of `sels` (whose last column is the backend pid); runs both
+/// of the latter once, and returns the pid that ran them.
+async fn prepare_three(c: &mut RawClient, ins: &str, sels: [&str; 2]) -> i32 {
     let mut b = BytesMut::new();
     wire::parse(&mut b, "ins", ins, &[]);
-    for name in ["sel", "sel_b"] {
+    for (name, sel) in ["sel", "sel_b"].into_iter().zip(sels) {
         wire::parse(&mut b, name, sel, &[]);
         wire::describe(&mut b, b'S', name);
         run_named(&mut b, name, &["1"]);
@@ -281,8 +281,12 @@ async fn in_a_pipeline_what_precedes_a_refused_copy_runs_and_is_rolled_back() {
     let r = router_pool2().await;
     let mut c = RawClient::connect(&r).await;
     let ins = "INSERT INTO ns_pipe_log VALUES ($1::int) RETURNING n";
-    let sel = "SELECT *, pg_backend_pid() FROM ns_pipe WHERE id = $1::int";
-    let first_pid = prepare_three(&mut c, ins, sel).await;
+    // Two texts, so that they run as different copies on the server.
+    let sels = [
+        "SELECT *, pg_backend_pid() FROM ns_pipe WHERE id = $1::int",
+        "SELECT *, pg_backend_pid() AS pid FROM ns_pipe WHERE id = $1::int",
+    ];
+    let first_pid = prepare_three(&mut c, ins, sels).await;
     // From here on the client runs on the other connection, where neither `sel` nor
     // `sel_b` has been made yet.
     let holder = hold(&r, first_pid).await;
@@ -593,4 +597,59 @@ async fn a_stale_kept_unnamed_query_before_a_check_still_runs_again() {
     r.stop().await;
     drop_table_s0("ns_mix").await;
     drop_table_s0("ns_mix_named").await;
+}
+
+/// How many copies of the statement `sql` the (only) server connection of `c`'s router
+/// holds, and how often they ran, as "copies/executions".
+async fn copies(c: &tokio_postgres::Client, sql: &str) -> String {
+    c.query_one(
+        "SELECT count(*) || '/' || coalesce(sum(generic_plans + custom_plans), 0) \
+         FROM pg_prepared_statements WHERE name LIKE 'sw\\_%' AND statement = $1",
+        &[&sql],
+    )
+    .await
+    .expect("pg_prepared_statements")
+    .get(0)
+}
+
+#[tokio::test]
+async fn clients_with_the_same_statement_share_its_copy_until_its_columns_differ() {
+    fresh_table_s0("ns_share", "id int, a text, b text").await;
+    on_s0("INSERT INTO ns_share VALUES (1, 'aaa', 'bbb')").await;
+    let r = common::router_pool1().await;
+    let sql = "SELECT * FROM ns_share WHERE id = $1";
+    let (a, b) = (connect(&r).await, connect(&r).await);
+    let mut stmts = Vec::new();
+    for c in [&a, &b] {
+        let stmt = c.prepare(sql).await.expect("prepare");
+        for _ in 0..2 {
+            let row = c.query_one(&stmt, &[&1i32]).await.expect("run");
+            assert_eq!(row.get::<_, String>("a"), "aaa");
+        }
+        stmts.push(stmt);
+    }
+    // One copy on the connection, run by both clients' statements.
+    assert_eq!(copies(&a, sql).await, "1/4");
+
+    on_s0("ALTER TABLE ns_share DROP COLUMN a, ADD COLUMN a text; UPDATE ns_share SET a = 'aaa'")
+        .await;
+    // A client preparing it now gets the new columns, from a copy of its own.
+    let late = connect(&r).await;
+    let stmt = late.prepare(sql).await.expect("prepare after the change");
+    let names: Vec<&str> = stmt.columns().iter().map(|col| col.name()).collect();
+    assert_eq!(names, ["id", "b", "a"]);
+    let row = late.query_one(&stmt, &[&1i32]).await.expect("run");
+    assert_eq!(row.get::<_, String>("a"), "aaa");
+    assert_eq!(copies(&a, sql).await, "2/5");
+    // The earlier clients' statements are refused (by PostgreSQL, on their copy).
+    for (c, stmt) in [&a, &b].into_iter().zip(&stmts) {
+        expect_sqlstate(
+            c.query(stmt, &[&1i32]).await,
+            "0A000",
+            "an earlier client's statement",
+        );
+    }
+    drop((a, b, late));
+    r.stop().await;
+    drop_table_s0("ns_share").await;
 }

@@ -32,11 +32,8 @@ pub struct PreparedStatement {
     pub param_types: Vec<u32>,
     /// The router's analysis: zero statements (empty query) or one.
     pub plan: Arc<QueryPlan>,
-    /// Identifies the statement on server connections (`sw_<hash>`). For a named
-    /// statement: a hash of the client session, how many statements it prepared before
-    /// (so a name prepared again never meets its predecessor's copies), its statement
-    /// name, the text and the parameter types; clients never share one. For a shared
-    /// statement: of the text and parameter types only.
+    /// The text and parameter types (`router::statement_hash`), from which the
+    /// statement's names on server connections are derived (see `server_key`).
     pub hash: u64,
     /// The client's unnamed statement.
     pub unnamed: bool,
@@ -46,18 +43,42 @@ pub struct PreparedStatement {
     /// before every execution then costs the shard one parse per connection, not one per
     /// execution.
     pub shared: bool,
-    /// A named statement's shape as its first copy on a server answered Describe: the
-    /// client decodes its results by it. Every later copy (on another connection) is
-    /// parsed with these parameter types and must give these result columns, or using
-    /// the statement fails as PostgreSQL fails a statement whose result type changed.
-    pub shape: std::sync::OnceLock<StatementShape>,
+    /// A named statement's shape, as the shard described it at its first use: the
+    /// client decodes its results by it. Every copy it runs as is parsed with these
+    /// parameter types and gives these result columns, or using the statement fails as
+    /// PostgreSQL fails a statement whose result type changed.
+    pub shape: std::sync::OnceLock<KeptShape>,
+}
+
+/// A named statement's shape, and a hash of it that goes into its copies' names: clients
+/// share a copy only if their statements have the same text, parameter types and shape.
+pub struct KeptShape {
+    shape: StatementShape,
+    id: u64,
+}
+
+impl KeptShape {
+    fn new(shape: &StatementShape) -> KeptShape {
+        let mut h = DefaultHasher::new();
+        shape.params.hash(&mut h);
+        shape.rows.hash(&mut h);
+        KeptShape {
+            shape: shape.clone(),
+            id: h.finish(),
+        }
+    }
 }
 
 impl PreparedStatement {
     /// The statement's name on a connection with session settings `settings`: `None`
-    /// for the server's unnamed statement.
+    /// for the server's unnamed statement. A named statement has one only once its
+    /// shape is known; it is shared by every client whose statement has the same text,
+    /// parameter types and shape, under the same settings and schema epoch.
     fn server_key(&self, settings: u64, epoch: u64) -> Option<u64> {
-        if self.shared {
+        if !self.unnamed {
+            let kept = self.shape.get()?;
+            shared_key(self.hash ^ kept.id, settings, epoch)
+        } else if self.shared {
             // Shared only among sessions with the same settings: under other settings
             // the same text can parse differently (standard_conforming_strings) and a
             // kept plan may have folded constants differently (DateStyle, TimeZone).
@@ -65,11 +86,14 @@ impl PreparedStatement {
             // (DDL through the router) gives every kept statement a new name, so none
             // made before the change is used after it.
             shared_key(self.hash, settings, epoch)
-        } else if self.unnamed {
-            None
         } else {
-            Some(self.hash)
+            None
         }
+    }
+
+    /// A client's named statement (its copies are checked against its shape).
+    fn is_named(&self) -> bool {
+        !self.unnamed
     }
 
     /// Transaction control and settings are run by the session, not forwarded as is.
@@ -81,6 +105,16 @@ impl PreparedStatement {
             ),
             None => false,
         }
+    }
+}
+
+/// The parameter types a named statement's copy is parsed with: those of its shape
+/// (PostgreSQL keeps the types it inferred when it prepared a statement), or the
+/// client's before its first use.
+fn copy_types(st: &PreparedStatement) -> &[u32] {
+    match st.shape.get() {
+        Some(kept) => &kept.shape.params,
+        None => &st.param_types,
     }
 }
 
@@ -267,13 +301,13 @@ struct Batch<'a> {
     kept: KeptStatements<'a>,
     /// The statements whose shape a `StepKind::Shape` step asks for, in step order.
     shaped: Vec<Arc<PreparedStatement>>,
-    /// Encoding stopped before `ops[op]`: the statement named `key` is not on this
-    /// connection yet and has a shape to keep, so its new copy (the last of `shaped`)
-    /// is compared with that shape before anything uses it.
+    /// Encoding stopped before `ops[op]`: a copy of a named statement was made (the
+    /// last of `shaped`; named `key`) whose shape must be learnt or compared with the
+    /// statement's before anything uses it.
     stopped: Option<Stop>,
-    /// A statement (by `hash`) whose copy in the server's unnamed statement was checked
-    /// by the batch's previous part: its next use takes it as it is.
-    checked: Option<u64>,
+    /// A named statement whose shape the batch's previous part learnt or confirmed (see
+    /// `ensure_named`).
+    checked: Option<Arc<PreparedStatement>>,
 }
 
 /// Where and why `Batch::encode` stopped early.
@@ -331,14 +365,8 @@ impl<'a> Batch<'a> {
     /// as PostgreSQL itself does; so is every statement when `prepared` is `None` (a
     /// batch sent to several shards at once, whose answers must line up step for step).
     /// `record`: this use counts toward the text's "run before" (a Bind does; a
-    /// Describe, which usually precedes the Bind of the same text, does not).
-    ///
-    /// A client's named statement made on a connection is described there too, so its
-    /// first copy gives it its shape. When it has one, a new copy must be compared with
-    /// it before any use: `None` then, with the Parse and Describe written and the batch
-    /// stopped before `ops[op]` (`stopped`). A named statement sent to several shards
-    /// is parsed unnamed each time, so it is checked at each use, except right after
-    /// its check (`checked`).
+    /// Describe, which usually precedes the Bind of the same text, does not). `None`
+    /// when the batch must stop before `ops[op]` (a named statement's copy to check).
     fn ensure(
         &mut self,
         out: &mut BytesMut,
@@ -347,13 +375,9 @@ impl<'a> Batch<'a> {
         record: bool,
         op: usize,
     ) -> Option<(ServerName, Option<u64>)> {
-        let named = !st.shared && !st.unnamed;
-        if named && prepared.is_none() && self.checked == Some(st.hash) {
-            // The server's unnamed statement is the copy that was just checked.
-            self.checked = None;
-            return Some((ServerName::new(None), None));
+        if st.is_named() {
+            return self.ensure_named(out, prepared, st, op);
         }
-        let shape = st.shape.get();
         let (key, create) = match (st.server_key(self.settings, self.kept.epoch), prepared) {
             (Some(h), Some(prepared)) if prepared.contains(&h) => (Some(h), false),
             (Some(h), Some(prepared)) => {
@@ -361,10 +385,7 @@ impl<'a> Batch<'a> {
                     // Parsed unnamed.
                     (None, true)
                 } else {
-                    if !(named && shape.is_some()) {
-                        // (One to check is recorded once it passed.)
-                        prepared.insert(h);
-                    }
+                    prepared.insert(h);
                     (Some(h), true)
                 }
             }
@@ -372,24 +393,64 @@ impl<'a> Batch<'a> {
         };
         let name = ServerName::new(key);
         if create {
-            // PostgreSQL keeps the parameter types a statement was prepared with.
-            let types = shape.map_or(&st.param_types[..], |s| &s.params[..]);
-            messages::parse(out, name.as_str(), &st.sql, types);
+            messages::parse(out, name.as_str(), &st.sql, &st.param_types);
             let idx = self.step(StepKind::Parse, false);
-            if named {
-                messages::target(out, b'D', b'S', name.as_str());
-                self.step(StepKind::Shape, false);
-                self.shaped.push(st.clone());
-                if shape.is_some() {
-                    self.stopped = Some(Stop { op, key });
-                    return None;
-                }
-            }
             if let Some(h) = key {
                 self.uses.push((Use::Created, idx, h));
             }
         }
         Some((name, key))
+    }
+
+    /// `ensure` for a client's named statement. It runs as a copy named after its text,
+    /// parameter types and shape, shared by every client with the same ones; the first
+    /// use learns the shape: the statement is parsed unnamed and described, and the
+    /// batch stops there (one round trip more, once per statement). A connection
+    /// without the copy gets one parsed with the statement's parameter types and
+    /// described, and the batch stops there too, to compare it with the statement's
+    /// shape (once per connection and shape). A copy made in the same transaction
+    /// right after the shape was learnt or confirmed needs no check: the locks that
+    /// parse took keep the tables as they were. A batch sent to several shards at once
+    /// (`prepared` is `None`) parses the statement unnamed and checks it at every use.
+    fn ensure_named(
+        &mut self,
+        out: &mut BytesMut,
+        prepared: Option<&mut foldhash::HashSet<u64>>,
+        st: &Arc<PreparedStatement>,
+        op: usize,
+    ) -> Option<(ServerName, Option<u64>)> {
+        let just_checked = self.checked.as_ref().is_some_and(|c| Arc::ptr_eq(c, st));
+        if just_checked {
+            self.checked = None;
+        }
+        let key = match &prepared {
+            Some(p) => st
+                .server_key(self.settings, self.kept.epoch)
+                .filter(|k| p.contains(k) || p.len() < super::session::MAX_PREPARED_PER_CONN),
+            None => None,
+        };
+        match (key, prepared) {
+            (Some(k), Some(p)) if p.contains(&k) => return Some((ServerName::new(key), key)),
+            (Some(k), Some(p)) if just_checked => {
+                let name = ServerName::new(key);
+                messages::parse(out, name.as_str(), &st.sql, copy_types(st));
+                let idx = self.step(StepKind::Parse, false);
+                self.uses.push((Use::Created, idx, k));
+                p.insert(k);
+                return Some((name, key));
+            }
+            // The server's unnamed statement is the copy just checked.
+            (None, _) if just_checked => return Some((ServerName::new(None), None)),
+            _ => {}
+        }
+        let name = ServerName::new(key);
+        messages::parse(out, name.as_str(), &st.sql, copy_types(st));
+        self.step(StepKind::Parse, false);
+        messages::target(out, b'D', b'S', name.as_str());
+        self.step(StepKind::Shape, false);
+        self.shaped.push(st.clone());
+        self.stopped = Some(Stop { op, key });
+        None
     }
 
     /// Write `ops` to `out`, each statement named as `ensure` decides, then Sync (or
@@ -417,7 +478,7 @@ impl<'a> Batch<'a> {
                     };
                     messages::rebind(out, portal, name.as_str(), rest);
                     let idx = self.step(StepKind::Bind, true);
-                    if let (true, Some(h)) = (statement.shared, key) {
+                    if let Some(h) = key {
                         self.uses.push((Use::Shared, idx, h));
                     }
                 }
@@ -429,7 +490,7 @@ impl<'a> Batch<'a> {
                     };
                     messages::target(out, b'D', b'S', name.as_str());
                     let idx = self.step(StepKind::DescribeStatement, true);
-                    if let (true, Some(h)) = (statement.shared, key) {
+                    if let Some(h) = key {
                         self.uses.push((Use::Shared, idx, h));
                     }
                 }
@@ -468,6 +529,7 @@ fn encode_single<'a>(
     ops: &[Op],
     sync: bool,
     kept: KeptStatements<'a>,
+    checked: Option<Arc<PreparedStatement>>,
     steps: &'a mut VecDeque<Step>,
     uses: &'a mut Vec<(Use, usize, u64)>,
 ) -> Batch<'a> {
@@ -479,6 +541,7 @@ fn encode_single<'a>(
         u64::MAX
     };
     let mut batch = Batch::new(steps, uses, settings, kept);
+    batch.checked = checked;
     for hash in std::mem::take(&mut conn.stale) {
         messages::target(
             &mut conn.wbuf,
@@ -702,18 +765,7 @@ impl Session {
             && self.shared.reuse_unnamed_statements
             && plan.statements.len() == 1
             && plan.statements[0].kind == StatementKind::Query;
-        let hash = if shared {
-            crate::router::statement_hash(p.sql, &p.param_types)
-        } else {
-            let mut h = DefaultHasher::new();
-            self.id.hash(&mut h);
-            self.named_parsed += 1;
-            self.named_parsed.hash(&mut h);
-            p.name.hash(&mut h);
-            p.sql.hash(&mut h);
-            p.param_types.hash(&mut h);
-            h.finish()
-        };
+        let hash = crate::router::statement_hash(p.sql, &p.param_types);
         let stmt = PreparedStatement {
             unnamed: p.name.is_empty(),
             shared,
@@ -1071,6 +1123,7 @@ impl Session {
         // copy must be checked before it is used (`Batch::stopped`).
         let mut start = 0;
         let mut synced = sync;
+        let mut checked = None;
         let mut refused = false;
         let (mut result, router_error) = loop {
             let Some(conn) = self.held.get_mut(&shard) else {
@@ -1081,7 +1134,15 @@ impl Session {
                 epoch,
                 seen: &self.shared.seen_texts,
             };
-            let mut batch = encode_single(conn, &ops[start..], sync, kept, &mut steps, &mut uses);
+            let mut batch = encode_single(
+                conn,
+                &ops[start..],
+                sync,
+                kept,
+                checked.take(),
+                &mut steps,
+                &mut uses,
+            );
             let (router_error, first_forwarded) = (batch.router_error, batch.first_forwarded);
             let (stopped, shaped) = (batch.stopped, std::mem::take(&mut batch.shaped));
             synced = sync && stopped.is_none();
@@ -1097,7 +1158,7 @@ impl Session {
                 break (result, router_error);
             };
             for (st, shape) in shaped.iter().zip(&out.shapes) {
-                st.shape.get_or_init(|| shape.clone());
+                st.shape.get_or_init(|| KeptShape::new(shape));
             }
             if let Some(failed_at) = out.failed_step {
                 // A Parse that failed, or was skipped after an earlier error, created
@@ -1154,7 +1215,10 @@ impl Session {
             let Some(stop) = stopped else {
                 break (result, router_error);
             };
-            let wanted = shaped.last().and_then(|st| st.shape.get());
+            let wanted = shaped
+                .last()
+                .and_then(|st| st.shape.get())
+                .map(|k| &k.shape);
             if out.shapes.len() != shaped.len() || out.shapes.last() != wanted {
                 // The new copy has other result columns than the client decodes by
                 // (DDL since the statement was prepared): refused before it runs, as
@@ -1165,6 +1229,7 @@ impl Session {
                 break (result, router_error);
             }
             conn.prepared.extend(stop.key);
+            checked = shaped.last().cloned();
             start += stop.op;
             // Notices of the check are the client's whatever happens next.
             mark = self.client.mark();
@@ -1355,7 +1420,7 @@ impl Session {
             // later step is skipped, so only the failed step's answers can be short.
             let per_step = conns.len().max(1);
             for (st, shapes) in shaped.iter().zip(out.shapes.chunks_exact(per_step)) {
-                st.shape.get_or_init(|| shapes[0].clone());
+                st.shape.get_or_init(|| KeptShape::new(&shapes[0]));
             }
             let Some(stop) = stopped else {
                 break (result, router_error);
@@ -1363,7 +1428,10 @@ impl Session {
             if out.error {
                 break (result, router_error);
             }
-            let wanted = shaped.last().and_then(|st| st.shape.get());
+            let wanted = shaped
+                .last()
+                .and_then(|st| st.shape.get())
+                .map(|k| &k.shape);
             let found = out.shapes.get((shaped.len() - 1) * per_step..);
             let same =
                 found.is_some_and(|f| f.len() == per_step && f.iter().all(|s| Some(s) == wanted));
@@ -1371,7 +1439,7 @@ impl Session {
                 refused = true;
                 break (result, router_error);
             }
-            checked = shaped.last().map(|st| st.hash);
+            checked = shaped.last().cloned();
             start += stop.op;
         };
         self.steps = steps;

@@ -66,8 +66,6 @@ pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr
         steps: VecDeque::new(),
         statement_uses: Vec::new(),
         schema_touched: false,
-        id: pid,
-        named_parsed: 0,
         dirty: false,
     };
     let end = session.run().await;
@@ -195,12 +193,6 @@ pub struct Session {
     pub schema_touched: bool,
     /// What statements did in the batch being relayed (reused, like `steps`).
     pub statement_uses: Vec<(super::extended::Use, usize, u64)>,
-    /// This session's key (the pid handed to the client).
-    pub id: i32,
-    /// Named statements this session has prepared: part of each one's server name, so
-    /// that a name prepared again never meets the copies its predecessor left on server
-    /// connections (made against an older schema, they could only fail).
-    pub named_parsed: u64,
     /// A statement with untracked session effects ran on the held connections.
     pub dirty: bool,
 }
