@@ -641,7 +641,8 @@ async fn clients_with_the_same_statement_share_its_copy_until_its_columns_differ
     let row = late.query_one(&stmt, &[&1i32]).await.expect("run");
     assert_eq!(row.get::<_, String>("a"), "aaa");
     assert_eq!(copies(&a, sql).await, "2/5");
-    // The earlier clients' statements are refused (by PostgreSQL, on their copy).
+    // The earlier clients' statements are refused: PostgreSQL refuses their copy,
+    // which is dropped, and a new one has the new columns, which the router refuses.
     for (c, stmt) in [&a, &b].into_iter().zip(&stmts) {
         expect_sqlstate(
             c.query(stmt, &[&1i32]).await,
@@ -649,7 +650,100 @@ async fn clients_with_the_same_statement_share_its_copy_until_its_columns_differ
             "an earlier client's statement",
         );
     }
+    assert_eq!(
+        copies(&a, sql).await,
+        "1/1",
+        "only the new columns' copy is left"
+    );
     drop((a, b, late));
     r.stop().await;
     drop_table_s0("ns_share").await;
+}
+
+#[tokio::test]
+async fn clients_with_other_search_paths_do_not_share_a_copy() {
+    on_s0(
+        "DROP SCHEMA IF EXISTS ns_sa CASCADE; DROP SCHEMA IF EXISTS ns_sb CASCADE; \
+         CREATE SCHEMA ns_sa; CREATE SCHEMA ns_sb; \
+         CREATE TABLE ns_sa.t (id int, v text); CREATE TABLE ns_sb.t (id int, v text); \
+         INSERT INTO ns_sa.t VALUES (1, 'from a'); INSERT INTO ns_sb.t VALUES (1, 'from b')",
+    )
+    .await;
+    let r = common::router_pool1().await;
+    let sql = "SELECT v FROM t WHERE id = $1";
+    for (schema, want) in [
+        ("ns_sa", "from a"),
+        ("ns_sb", "from b"),
+        ("ns_sa", "from a"),
+    ] {
+        let c = common::connect_with(&r, &format!("options='-c search_path={schema}'")).await;
+        let stmt = c.prepare(sql).await.expect("prepare");
+        for _ in 0..2 {
+            let row = c.query_one(&stmt, &[&1i32]).await.expect("run");
+            assert_eq!(row.get::<_, String>(0), want, "search_path {schema}");
+        }
+    }
+    // One copy per search_path; the third client used the first one's.
+    let c = connect(&r).await;
+    assert_eq!(copies(&c, sql).await, "2/6");
+    drop(c);
+    r.stop().await;
+    on_s0("DROP SCHEMA ns_sa CASCADE; DROP SCHEMA ns_sb CASCADE").await;
+}
+
+#[tokio::test]
+async fn a_copy_is_shared_inside_a_block_with_savepoints() {
+    // Savepoints (ORMs' nested transactions) leave the connection's settings as they
+    // were: a named statement keeps running as its shared copy.
+    fresh_table_s0("ns_sp", "id int, v text").await;
+    on_s0("INSERT INTO ns_sp VALUES (1, 'one')").await;
+    let r = common::router_pool1().await;
+    let sql = "SELECT v FROM ns_sp WHERE id = $1";
+    let a = connect(&r).await;
+    let stmt = a.prepare(sql).await.expect("prepare");
+    a.query_one(&stmt, &[&1i32]).await.expect("run");
+    let b = connect(&r).await;
+    let stmt = b.prepare(sql).await.expect("prepare");
+    b.batch_execute("BEGIN; SAVEPOINT s1").await.expect("block");
+    for _ in 0..3 {
+        let row = b
+            .query_one(&stmt, &[&1i32])
+            .await
+            .expect("run in the block");
+        assert_eq!(row.get::<_, String>(0), "one");
+    }
+    b.batch_execute("RELEASE SAVEPOINT s1; COMMIT")
+        .await
+        .expect("commit");
+    assert_eq!(copies(&a, sql).await, "1/4");
+    drop((a, b));
+    r.stop().await;
+    drop_table_s0("ns_sp").await;
+}
+
+#[tokio::test]
+async fn an_error_in_a_clients_values_leaves_the_shared_copy_in_place() {
+    fresh_table_s0("ns_vals", "id int, v text").await;
+    on_s0("INSERT INTO ns_vals VALUES (1, 'one')").await;
+    let r = common::router_pool1().await;
+    let sql = "SELECT v FROM ns_vals WHERE id = $1::int";
+    let mut a = RawClient::connect(&r).await;
+    only_row(&prepare_and_run(&mut a, "q", sql, "1").await);
+    only_row(&run_again(&mut a, "q", "1").await);
+    // Not an integer: PostgreSQL refuses the value at Bind.
+    let got = run_again(&mut a, "q", "one").await;
+    assert_eq!(common::raw_tags(&got), "EZ", "{}", raw_show(&got));
+    assert_eq!(got[0].sqlstate().as_deref(), Some("22P02"));
+    // Another client (with the same settings): its first use learns the statement's
+    // shape on a fresh parse, its second runs the shared copy.
+    let mut b = RawClient::connect(&r).await;
+    let row = only_row(&prepare_and_run(&mut b, "q2", sql, "1").await);
+    assert_eq!(row[0].as_deref(), Some("one"));
+    only_row(&run_again(&mut b, "q2", "1").await);
+    // One copy ran both executions: it was not dropped and made again.
+    let c = connect(&r).await;
+    assert_eq!(copies(&c, sql).await, "1/2");
+    drop((a, b, c));
+    r.stop().await;
+    drop_table_s0("ns_vals").await;
 }

@@ -4,11 +4,11 @@
 //! the target changes, at Flush and at Sync. The router answers Parse and Close itself
 //! (statements live in the session, not on a particular server connection) and creates
 //! each statement on whichever pooled connection runs it, under a name derived from its
-//! text and parameter types (and, for a client's named statement, from the client's
-//! session), so a connection parses it once however many uses it has.
-//! A client's named statement keeps the parameter types and result columns of its first
-//! copy: a later copy on another connection is parsed with those types and compared
-//! before use (`Batch::ensure`), as PostgreSQL holds its own statements to them.
+//! text and parameter types, so a connection parses it once however many clients use it.
+//! A client's named statement keeps the parameter types and result columns the shard
+//! described at its first use, as PostgreSQL holds its own statements to them: its
+//! copies are named after its shape too, and a new copy is compared with it before use
+//! (`Batch::ensure_named`).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, VecDeque};
@@ -50,35 +50,33 @@ pub struct PreparedStatement {
     pub shape: std::sync::OnceLock<KeptShape>,
 }
 
-/// A named statement's shape, and a hash of it that goes into its copies' names: clients
-/// share a copy only if their statements have the same text, parameter types and shape.
+/// A named statement's shape, with the hash its copies are named after.
 pub struct KeptShape {
+    /// What the shard described at the statement's first use.
     shape: StatementShape,
-    id: u64,
+    /// The text, the parameter types the copies are parsed with and the result columns:
+    /// clients share a copy only if their statements have the same ones.
+    copy: u64,
 }
 
 impl KeptShape {
-    fn new(shape: &StatementShape) -> KeptShape {
+    fn new(shape: &StatementShape, sql: &str) -> KeptShape {
         let mut h = DefaultHasher::new();
-        shape.params.hash(&mut h);
+        crate::router::statement_hash(sql, &shape.params).hash(&mut h);
         shape.rows.hash(&mut h);
         KeptShape {
             shape: shape.clone(),
-            id: h.finish(),
+            copy: h.finish(),
         }
     }
 }
 
 impl PreparedStatement {
-    /// The statement's name on a connection with session settings `settings`: `None`
-    /// for the server's unnamed statement. A named statement has one only once its
-    /// shape is known; it is shared by every client whose statement has the same text,
-    /// parameter types and shape, under the same settings and schema epoch.
+    /// The name of the client's unnamed statement on a connection with session settings
+    /// `settings` when it is shared; `None` when it is parsed as the server's unnamed
+    /// statement. (Named statements: see `Batch::named_key`.)
     fn server_key(&self, settings: u64, epoch: u64) -> Option<u64> {
-        if !self.unnamed {
-            let kept = self.shape.get()?;
-            shared_key(self.hash ^ kept.id, settings, epoch)
-        } else if self.shared {
+        if self.shared {
             // Shared only among sessions with the same settings: under other settings
             // the same text can parse differently (standard_conforming_strings) and a
             // kept plan may have folded constants differently (DateStyle, TimeZone).
@@ -119,8 +117,9 @@ fn copy_types(st: &PreparedStatement) -> &[u32] {
 }
 
 /// The name (see `ServerName`) of a statement shared by every client, identified by
-/// `hash` (`router::statement_hash`), on a connection with session settings `settings`
-/// in schema epoch `epoch`; `None` when the connection's settings are unknown.
+/// `hash` (`router::statement_hash`, or `KeptShape::copy` for a named statement), on a
+/// connection with session settings `settings` in schema epoch `epoch`; `None` when
+/// the connection's settings are unknown.
 fn shared_key(hash: u64, settings: u64, epoch: u64) -> Option<u64> {
     (settings != u64::MAX).then(|| {
         hash ^ settings.wrapping_mul(0x9e37_79b9_7f4a_7c15)
@@ -280,9 +279,22 @@ async fn discard_to_ready(
 pub enum Use {
     /// A Parse that creates the statement on the connection.
     Created,
-    /// A Bind or Describe of a shared statement (one that may have outlived a schema
-    /// change).
+    /// A Bind or Describe of a shared unnamed statement (one that may have outlived a
+    /// schema change).
     Shared,
+    /// A Bind or Describe of a named statement's copy.
+    Named,
+}
+
+impl Use {
+    /// The use of a statement's copy kept under a name.
+    fn of(st: &PreparedStatement) -> Use {
+        if st.is_named() {
+            Use::Named
+        } else {
+            Use::Shared
+        }
+    }
 }
 
 /// Writes a group's messages and queues the steps that answer them.
@@ -305,9 +317,10 @@ struct Batch<'a> {
     /// last of `shaped`; named `key`) whose shape must be learnt or compared with the
     /// statement's before anything uses it.
     stopped: Option<Stop>,
-    /// A named statement whose shape the batch's previous part learnt or confirmed (see
-    /// `ensure_named`).
-    checked: Option<Arc<PreparedStatement>>,
+    /// The named statement whose fresh parse the server's unnamed statement holds: it
+    /// was described in this batch (or in the part before, which checked it), so its
+    /// uses take it as it is until another text is parsed unnamed.
+    unnamed: Option<Arc<PreparedStatement>>,
 }
 
 /// Where and why `Batch::encode` stopped early.
@@ -327,6 +340,9 @@ struct KeptStatements<'a> {
     epoch: u64,
     /// Unnamed texts run before: only those are kept on a connection.
     seen: &'a SeenTexts,
+    /// The client session's own salt for named statements' copies, used while its
+    /// settings are unknown (a copy then serves this session only).
+    private: u64,
 }
 
 impl<'a> Batch<'a> {
@@ -346,7 +362,7 @@ impl<'a> Batch<'a> {
             kept,
             shaped: Vec::new(),
             stopped: None,
-            checked: None,
+            unnamed: None,
         }
     }
 
@@ -393,6 +409,9 @@ impl<'a> Batch<'a> {
         };
         let name = ServerName::new(key);
         if create {
+            if key.is_none() {
+                self.unnamed = None;
+            }
             messages::parse(out, name.as_str(), &st.sql, &st.param_types);
             let idx = self.step(StepKind::Parse, false);
             if let Some(h) = key {
@@ -402,16 +421,16 @@ impl<'a> Batch<'a> {
         Some((name, key))
     }
 
-    /// `ensure` for a client's named statement. It runs as a copy named after its text,
-    /// parameter types and shape, shared by every client with the same ones; the first
-    /// use learns the shape: the statement is parsed unnamed and described, and the
-    /// batch stops there (one round trip more, once per statement). A connection
-    /// without the copy gets one parsed with the statement's parameter types and
-    /// described, and the batch stops there too, to compare it with the statement's
-    /// shape (once per connection and shape). A copy made in the same transaction
-    /// right after the shape was learnt or confirmed needs no check: the locks that
-    /// parse took keep the tables as they were. A batch sent to several shards at once
-    /// (`prepared` is `None`) parses the statement unnamed and checks it at every use.
+    /// `ensure` for a client's named statement. Its first use runs on a fresh parse as
+    /// the server's unnamed statement, described first: what that answers is the
+    /// statement's shape, with no round trip more. From then on it runs as a copy named
+    /// after its text, kept parameter types and shape (`named_key`), shared by every
+    /// client whose statement has the same ones under the same settings. A connection
+    /// without the copy gets one, described, and the batch stops there to compare it
+    /// with the statement's shape (once per connection and shape). A batch sent to
+    /// several shards at once (`prepared` is `None`) parses the statement unnamed and
+    /// checks it at every use, as it does while a connection holds the most statements
+    /// it may.
     fn ensure_named(
         &mut self,
         out: &mut BytesMut,
@@ -419,38 +438,56 @@ impl<'a> Batch<'a> {
         st: &Arc<PreparedStatement>,
         op: usize,
     ) -> Option<(ServerName, Option<u64>)> {
-        let just_checked = self.checked.as_ref().is_some_and(|c| Arc::ptr_eq(c, st));
-        if just_checked {
-            self.checked = None;
-        }
-        let key = match &prepared {
-            Some(p) => st
-                .server_key(self.settings, self.kept.epoch)
-                .filter(|k| p.contains(k) || p.len() < super::session::MAX_PREPARED_PER_CONN),
-            None => None,
+        let (key, held) = match &prepared {
+            Some(p) => self.named_key(st, p),
+            None => (None, false),
         };
-        match (key, prepared) {
-            (Some(k), Some(p)) if p.contains(&k) => return Some((ServerName::new(key), key)),
-            (Some(k), Some(p)) if just_checked => {
-                let name = ServerName::new(key);
-                messages::parse(out, name.as_str(), &st.sql, copy_types(st));
-                let idx = self.step(StepKind::Parse, false);
-                self.uses.push((Use::Created, idx, k));
-                p.insert(k);
-                return Some((name, key));
-            }
-            // The server's unnamed statement is the copy just checked.
-            (None, _) if just_checked => return Some((ServerName::new(None), None)),
-            _ => {}
+        if held {
+            return Some((ServerName::new(key), key));
         }
+        if self.unnamed.as_ref().is_some_and(|u| Arc::ptr_eq(u, st)) {
+            return Some((ServerName::new(None), None));
+        }
+        // A use before the statement's shape is known, unless an earlier use in this
+        // batch is already learning it (this one is then compared with it).
+        let first = st.shape.get().is_none() && !self.shaped.iter().any(|s| Arc::ptr_eq(s, st));
         let name = ServerName::new(key);
         messages::parse(out, name.as_str(), &st.sql, copy_types(st));
         self.step(StepKind::Parse, false);
         messages::target(out, b'D', b'S', name.as_str());
         self.step(StepKind::Shape, false);
         self.shaped.push(st.clone());
+        if first {
+            self.unnamed = Some(st.clone());
+            return Some((name, key));
+        }
         self.stopped = Some(Stop { op, key });
         None
+    }
+
+    /// The name of a named statement's copy on this connection (holding `prepared`),
+    /// once its shape is known, and whether the connection holds it: shared by every
+    /// client under the same settings; while the connection's settings are unknown,
+    /// this session's own. `None` (the server's unnamed statement, checked at every use)
+    /// when the connection holds the most statements it may. No schema epoch: a copy is
+    /// compared with the statement's shape when it is made, and PostgreSQL holds it to
+    /// that shape from then on.
+    fn named_key(
+        &self,
+        st: &PreparedStatement,
+        prepared: &foldhash::HashSet<u64>,
+    ) -> (Option<u64>, bool) {
+        let Some(kept) = st.shape.get() else {
+            return (None, false);
+        };
+        let key = shared_key(kept.copy, self.settings, 0).unwrap_or(kept.copy ^ self.kept.private);
+        if prepared.contains(&key) {
+            (Some(key), true)
+        } else if prepared.len() < super::session::MAX_PREPARED_PER_CONN {
+            (Some(key), false)
+        } else {
+            (None, false)
+        }
     }
 
     /// Write `ops` to `out`, each statement named as `ensure` decides, then Sync (or
@@ -479,7 +516,7 @@ impl<'a> Batch<'a> {
                     messages::rebind(out, portal, name.as_str(), rest);
                     let idx = self.step(StepKind::Bind, true);
                     if let Some(h) = key {
-                        self.uses.push((Use::Shared, idx, h));
+                        self.uses.push((Use::of(statement), idx, h));
                     }
                 }
                 Op::DescribeStatement(statement) => {
@@ -491,7 +528,7 @@ impl<'a> Batch<'a> {
                     messages::target(out, b'D', b'S', name.as_str());
                     let idx = self.step(StepKind::DescribeStatement, true);
                     if let Some(h) = key {
-                        self.uses.push((Use::Shared, idx, h));
+                        self.uses.push((Use::of(statement), idx, h));
                     }
                 }
                 Op::DescribePortal(p) => {
@@ -529,7 +566,7 @@ fn encode_single<'a>(
     ops: &[Op],
     sync: bool,
     kept: KeptStatements<'a>,
-    checked: Option<Arc<PreparedStatement>>,
+    unnamed: Option<Arc<PreparedStatement>>,
     steps: &'a mut VecDeque<Step>,
     uses: &'a mut Vec<(Use, usize, u64)>,
 ) -> Batch<'a> {
@@ -541,7 +578,7 @@ fn encode_single<'a>(
         u64::MAX
     };
     let mut batch = Batch::new(steps, uses, settings, kept);
-    batch.checked = checked;
+    batch.unnamed = unnamed;
     for hash in std::mem::take(&mut conn.stale) {
         messages::target(
             &mut conn.wbuf,
@@ -959,9 +996,8 @@ impl Session {
     fn on_close(&mut self, body: &Bytes) -> Result<(), SessionError> {
         let t = messages::parse_target(body, "Close").map_err(malformed)?;
         if t.kind == b'S' {
-            // Server connections keep their copies (a shared statement's serves another
-            // use of the same text; a named one's stays until its connection is next
-            // cleared of statements, see `MAX_PREPARED_PER_CONN`).
+            // Server connections keep their copies: other clients' statements, or a
+            // later one of this client's, with the same text may use them.
             self.statements.remove(t.name);
             self.add_op(Target::Local, synthetic(b'3'));
             return Ok(());
@@ -1118,12 +1154,12 @@ impl Session {
         let mut retried = false;
         // Settings changed inside the open block, or by a statement the router cannot
         // follow, are not in the connection's fingerprint yet.
-        let settings_known = !self.dirty && self.txn.as_ref().is_none_or(|t| t.replay.is_empty());
+        let settings_known = !self.dirty && self.txn.as_ref().is_none_or(|t| !t.settings_changed);
         // The first op not sent yet: the batch goes in parts when a statement's new
         // copy must be checked before it is used (`Batch::stopped`).
         let mut start = 0;
         let mut synced = sync;
-        let mut checked = None;
+        let mut unnamed = None;
         let mut refused = false;
         let (mut result, router_error) = loop {
             let Some(conn) = self.held.get_mut(&shard) else {
@@ -1133,13 +1169,14 @@ impl Session {
                 settings_known,
                 epoch,
                 seen: &self.shared.seen_texts,
+                private: self.statement_salt,
             };
             let mut batch = encode_single(
                 conn,
                 &ops[start..],
                 sync,
                 kept,
-                checked.take(),
+                unnamed.take(),
                 &mut steps,
                 &mut uses,
             );
@@ -1158,7 +1195,7 @@ impl Session {
                 break (result, router_error);
             };
             for (st, shape) in shaped.iter().zip(&out.shapes) {
-                st.shape.get_or_init(|| KeptShape::new(shape));
+                st.shape.get_or_init(|| KeptShape::new(shape, &st.sql));
             }
             if let Some(failed_at) = out.failed_step {
                 // A Parse that failed, or was skipped after an earlier error, created
@@ -1181,12 +1218,18 @@ impl Session {
                 // reached the client, it runs again with the statement parsed afresh, as
                 // PostgreSQL parses the unnamed statement. An error the fresh parse gives
                 // too is then reported.
-                let kept = uses
-                    .iter()
-                    .find(|(kind, idx, _)| *kind == Use::Shared && *idx == failed_at);
-                let Some(&(_, _, hash)) = kept else {
+                let kept = uses.iter().find(|(kind, idx, _)| {
+                    matches!(kind, Use::Shared | Use::Named) && *idx == failed_at
+                });
+                let Some(&(kind, _, hash)) = kept else {
                     break (result, router_error);
                 };
+                // A named statement's copy is dropped only for an error that may be the
+                // copy's own (stale, missing, or pointing into its text); an error in
+                // the client's values is the statement's, wherever it runs.
+                if kind == Use::Named && !out.first_error.as_deref().is_some_and(text_may_differ) {
+                    break (result, router_error);
+                }
                 conn.retire_statement(hash);
                 let rerun = rerunnable
                     && !retried
@@ -1229,7 +1272,8 @@ impl Session {
                 break (result, router_error);
             }
             conn.prepared.extend(stop.key);
-            checked = shaped.last().cloned();
+            // A copy checked as the unnamed statement is used as it is.
+            unnamed = shaped.last().filter(|_| stop.key.is_none()).cloned();
             start += stop.op;
             // Notices of the check are the client's whatever happens next.
             mark = self.client.mark();
@@ -1379,18 +1423,19 @@ impl Session {
             settings_known: false,
             epoch: 0,
             seen: &self.shared.seen_texts,
+            private: self.statement_salt,
         };
         // As in `run_single`, the batch goes in parts when a statement's new copies must
         // be checked before they are used.
         let mut start = 0;
-        let mut checked = None;
+        let mut unnamed = None;
         let mut synced;
         let mut refused = false;
         let (mut result, router_error) = loop {
             steps.clear();
             wire.clear();
             let mut batch = Batch::new(&mut steps, &mut uses, u64::MAX, kept);
-            batch.checked = checked.take();
+            batch.unnamed = unnamed.take();
             batch.encode(&mut wire, None, &ops[start..], sync);
             let router_error = batch.router_error;
             let (stopped, shaped) = (batch.stopped, std::mem::take(&mut batch.shaped));
@@ -1420,7 +1465,7 @@ impl Session {
             // later step is skipped, so only the failed step's answers can be short.
             let per_step = conns.len().max(1);
             for (st, shapes) in shaped.iter().zip(out.shapes.chunks_exact(per_step)) {
-                st.shape.get_or_init(|| KeptShape::new(&shapes[0]));
+                st.shape.get_or_init(|| KeptShape::new(&shapes[0], &st.sql));
             }
             let Some(stop) = stopped else {
                 break (result, router_error);
@@ -1439,7 +1484,7 @@ impl Session {
                 refused = true;
                 break (result, router_error);
             }
-            checked = shaped.last().cloned();
+            unnamed = shaped.last().cloned();
             start += stop.op;
         };
         self.steps = steps;

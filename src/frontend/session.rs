@@ -67,6 +67,7 @@ pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr
         statement_uses: Vec::new(),
         schema_touched: false,
         dirty: false,
+        statement_salt: rand::random(),
     };
     let end = session.run().await;
     session.mark_dirty_conns();
@@ -144,6 +145,9 @@ pub struct Txn {
     /// A utility statement (DDL, …) ran in this block: the schema may differ once it
     /// ends.
     pub schema_changed: bool,
+    /// A SET, SET LOCAL or RESET ran in this block: the held connections' settings are
+    /// not what their fingerprint says until it ends.
+    pub settings_changed: bool,
 }
 
 impl Txn {
@@ -156,6 +160,7 @@ impl Txn {
             pending: None,
             implicit,
             schema_changed: false,
+            settings_changed: false,
         }
     }
 
@@ -195,6 +200,9 @@ pub struct Session {
     pub statement_uses: Vec<(super::extended::Use, usize, u64)>,
     /// A statement with untracked session effects ran on the held connections.
     pub dirty: bool,
+    /// Names this session's own copies of its named statements, made while the
+    /// settings of a connection it holds are unknown (`Batch::named_key`).
+    pub statement_salt: u64,
 }
 
 impl Session {
@@ -363,8 +371,9 @@ impl Session {
     /// this client's settings, and inside its transaction block if one is open.
     async fn prepare_conn(&self, c: &mut Checkout, wanted: u64) -> Result<(), StmtError> {
         if c.prepared.len() >= MAX_PREPARED_PER_CONN {
-            // Each client's named statements live on the connections it used; keep
-            // their number bounded.
+            // Statements are kept on the connections that ran them (clients share most;
+            // a session whose settings were unknown has its own): keep their number
+            // bounded.
             if let Some(err) = c.run_quiet("DEALLOCATE ALL").await? {
                 return Err(server_error(&err, &c.shard_name));
             }
@@ -764,6 +773,7 @@ impl Session {
         if local {
             if let Some(t) = self.txn.as_mut() {
                 t.replay.push(text.to_owned());
+                t.settings_changed = true;
             }
             return Ok(true);
         }
@@ -771,6 +781,7 @@ impl Session {
         let target = match self.txn.as_mut() {
             Some(t) => {
                 t.replay.push(text.to_owned());
+                t.settings_changed = true;
                 t.pending.get_or_insert_with(|| self.settings.clone())
             }
             None => &mut self.settings,

@@ -93,6 +93,8 @@ pub struct Outcome {
     pub async_frames: bool,
     /// The answers to the `StepKind::Shape` steps, in order.
     pub shapes: Vec<StatementShape>,
+    /// The first ErrorResponse (as the shard sent it).
+    pub first_error: Option<bytes::Bytes>,
 }
 
 /// What a prepared statement looks like to a client: the answer to Describe of it.

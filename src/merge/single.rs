@@ -55,6 +55,9 @@ pub async fn relay_single(
                     }
                     None => client.wbuf.extend_from_slice(&frame),
                 }
+                if !out.error {
+                    out.first_error = Some(frame.freeze());
+                }
                 out.error = true;
                 out.failed_step.get_or_insert(done);
                 if kind.skips_to_sync() {
