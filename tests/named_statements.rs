@@ -692,9 +692,9 @@ async fn clients_with_other_search_paths_do_not_share_a_copy() {
 }
 
 #[tokio::test]
-async fn a_copy_is_shared_inside_a_block_with_savepoints() {
-    // Savepoints (ORMs' nested transactions) leave the connection's settings as they
-    // were: a named statement keeps running as its shared copy.
+async fn a_copy_is_shared_inside_a_block_with_savepoints_and_run_time_settings() {
+    // Savepoints (ORMs' nested transactions) and run-time settings leave how a text
+    // parses as it was: a named statement keeps running as its shared copy.
     fresh_table_s0("ns_sp", "id int, v text").await;
     on_s0("INSERT INTO ns_sp VALUES (1, 'one')").await;
     let r = common::router_pool1().await;
@@ -704,7 +704,9 @@ async fn a_copy_is_shared_inside_a_block_with_savepoints() {
     a.query_one(&stmt, &[&1i32]).await.expect("run");
     let b = connect(&r).await;
     let stmt = b.prepare(sql).await.expect("prepare");
-    b.batch_execute("BEGIN; SAVEPOINT s1").await.expect("block");
+    b.batch_execute("BEGIN; SAVEPOINT s1; SET LOCAL statement_timeout = '10s'")
+        .await
+        .expect("block");
     for _ in 0..3 {
         let row = b
             .query_one(&stmt, &[&1i32])
@@ -716,6 +718,14 @@ async fn a_copy_is_shared_inside_a_block_with_savepoints() {
         .await
         .expect("commit");
     assert_eq!(copies(&a, sql).await, "1/4");
+    // A setting that may change how the text parses: a copy of the session's own.
+    b.batch_execute("BEGIN; SET LOCAL search_path = public")
+        .await
+        .expect("block");
+    let row = b.query_one(&stmt, &[&1i32]).await.expect("run");
+    assert_eq!(row.get::<_, String>(0), "one");
+    b.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(copies(&a, sql).await, "2/5");
     drop((a, b));
     r.stop().await;
     drop_table_s0("ns_sp").await;
@@ -746,4 +756,45 @@ async fn an_error_in_a_clients_values_leaves_the_shared_copy_in_place() {
     drop((a, b, c));
     r.stop().await;
     drop_table_s0("ns_vals").await;
+}
+
+#[tokio::test]
+async fn shards_that_infer_other_parameter_types_are_refused() {
+    // Only s3 has `a` as bigint: the same text takes an int8 there, an int4 elsewhere.
+    on_every_shard("DROP TABLE IF EXISTS ns_fan2; CREATE TABLE ns_fan2 (user_id bigint, a int)")
+        .await;
+    common::shard(3)
+        .await
+        .batch_execute("ALTER TABLE ns_fan2 ALTER COLUMN a TYPE bigint")
+        .await
+        .expect("s3");
+    let r = shardwire::server::start(options_with_table("ns_fan2"))
+        .await
+        .expect("router starts");
+    let mut c = RawClient::connect(&r).await;
+    // First used on every shard at once (no Describe before).
+    let mut b = BytesMut::new();
+    wire::parse(&mut b, "f", "SELECT user_id FROM ns_fan2 WHERE a = $1", &[]);
+    run_named(&mut b, "f", &["1"]);
+    wire::sync(&mut b);
+    c.send(&b).await;
+    let got = c.until_ready().await;
+    let error = got
+        .iter()
+        .find(|m| m.tag == b'E')
+        .unwrap_or_else(|| panic!("{}", raw_show(&got)));
+    assert_eq!(
+        error.sqlstate().as_deref(),
+        Some("42804"),
+        "{}",
+        raw_show(&got)
+    );
+    assert!(
+        error.field(b'M').is_some_and(|m| m.contains("s3")),
+        "{}",
+        raw_show(&got)
+    );
+    drop(c);
+    r.stop().await;
+    on_every_shard("DROP TABLE IF EXISTS ns_fan2").await;
 }

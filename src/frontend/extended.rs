@@ -32,8 +32,9 @@ pub struct PreparedStatement {
     pub param_types: Vec<u32>,
     /// The router's analysis: zero statements (empty query) or one.
     pub plan: Arc<QueryPlan>,
-    /// The text and parameter types (`router::statement_hash`), from which the
-    /// statement's names on server connections are derived (see `server_key`).
+    /// The text and parameter types (`router::statement_hash`), from which a shared
+    /// unnamed statement's names on server connections are derived (`server_key`; a
+    /// named statement's come from its shape, `KeptShape::copy` and `named_key`).
     pub hash: u64,
     /// The client's unnamed statement.
     pub unnamed: bool,
@@ -314,8 +315,8 @@ struct Batch<'a> {
     /// The statements whose shape a `StepKind::Shape` step asks for, in step order.
     shaped: Vec<Arc<PreparedStatement>>,
     /// Encoding stopped before `ops[op]`: a copy of a named statement was made (the
-    /// last of `shaped`; named `key`) whose shape must be learnt or compared with the
-    /// statement's before anything uses it.
+    /// last of `shaped`; named `key`) whose shape must be compared with the statement's
+    /// before anything uses it.
     stopped: Option<Stop>,
     /// The named statement whose fresh parse the server's unnamed statement holds: it
     /// was described in this batch (or in the part before, which checked it), so its
@@ -378,8 +379,9 @@ impl<'a> Batch<'a> {
 
     /// The statement's name on this connection, creating it there first unless it
     /// exists. The client's unnamed statement (when not shared) is parsed for each use,
-    /// as PostgreSQL itself does; so is every statement when `prepared` is `None` (a
-    /// batch sent to several shards at once, whose answers must line up step for step).
+    /// as PostgreSQL itself does; so is every unnamed statement when `prepared` is
+    /// `None` (a batch sent to several shards at once, whose answers must line up step
+    /// for step; named statements: see `ensure_named`).
     /// `record`: this use counts toward the text's "run before" (a Bind does; a
     /// Describe, which usually precedes the Bind of the same text, does not). `None`
     /// when the batch must stop before `ops[op]` (a named statement's copy to check).
@@ -1155,6 +1157,16 @@ impl Session {
         // Settings changed inside the open block, or by a statement the router cannot
         // follow, are not in the connection's fingerprint yet.
         let settings_known = !self.dirty && self.txn.as_ref().is_none_or(|t| !t.settings_changed);
+        // A copy of this session's own is made under the settings of the moment: the
+        // block's SETs name it too.
+        let private = match &self.txn {
+            Some(t) if t.settings_changed => {
+                let mut h = DefaultHasher::new();
+                t.replay.hash(&mut h);
+                self.statement_salt ^ h.finish()
+            }
+            _ => self.statement_salt,
+        };
         // The first op not sent yet: the batch goes in parts when a statement's new
         // copy must be checked before it is used (`Batch::stopped`).
         let mut start = 0;
@@ -1169,7 +1181,7 @@ impl Session {
                 settings_known,
                 epoch,
                 seen: &self.shared.seen_texts,
-                private: self.statement_salt,
+                private,
             };
             let mut batch = encode_single(
                 conn,
@@ -1182,6 +1194,7 @@ impl Session {
             );
             let (router_error, first_forwarded) = (batch.router_error, batch.first_forwarded);
             let (stopped, shaped) = (batch.stopped, std::mem::take(&mut batch.shaped));
+            let held_unnamed = batch.unnamed.take();
             synced = sync && stopped.is_none();
             // Only a part that starts the batch can be run again: what an earlier part
             // ran and answered cannot be taken back.
@@ -1194,7 +1207,7 @@ impl Session {
             let Ok(out) = &result else {
                 break (result, router_error);
             };
-            for (st, shape) in shaped.iter().zip(&out.shapes) {
+            for (st, shape) in shaped.iter().zip(out.shapes()) {
                 st.shape.get_or_init(|| KeptShape::new(shape, &st.sql));
             }
             if let Some(failed_at) = out.failed_step {
@@ -1227,7 +1240,7 @@ impl Session {
                 // A named statement's copy is dropped only for an error that may be the
                 // copy's own (stale, missing, or pointing into its text); an error in
                 // the client's values is the statement's, wherever it runs.
-                if kind == Use::Named && !out.first_error.as_deref().is_some_and(text_may_differ) {
+                if kind == Use::Named && !out.first_error().is_some_and(text_may_differ) {
                     break (result, router_error);
                 }
                 conn.retire_statement(hash);
@@ -1262,7 +1275,7 @@ impl Session {
                 .last()
                 .and_then(|st| st.shape.get())
                 .map(|k| &k.shape);
-            if out.shapes.len() != shaped.len() || out.shapes.last() != wanted {
+            if out.shapes().len() != shaped.len() || out.shapes().last() != wanted {
                 // The new copy has other result columns than the client decodes by
                 // (DDL since the statement was prepared): refused before it runs, as
                 // PostgreSQL refuses its own kept statement then. The shard's
@@ -1272,8 +1285,12 @@ impl Session {
                 break (result, router_error);
             }
             conn.prepared.extend(stop.key);
-            // A copy checked as the unnamed statement is used as it is.
-            unnamed = shaped.last().filter(|_| stop.key.is_none()).cloned();
+            // A copy checked as the unnamed statement is used as it is; a named copy
+            // leaves the unnamed statement as it was.
+            unnamed = match stop.key {
+                None => shaped.last().cloned(),
+                Some(_) => held_unnamed,
+            };
             start += stop.op;
             // Notices of the check are the client's whatever happens next.
             mark = self.client.mark();
@@ -1464,7 +1481,7 @@ impl Session {
             // Each Shape step is answered by every shard in turn; after an error every
             // later step is skipped, so only the failed step's answers can be short.
             let per_step = conns.len().max(1);
-            for (st, shapes) in shaped.iter().zip(out.shapes.chunks_exact(per_step)) {
+            for (st, shapes) in shaped.iter().zip(out.shapes().chunks_exact(per_step)) {
                 st.shape.get_or_init(|| KeptShape::new(&shapes[0], &st.sql));
             }
             let Some(stop) = stopped else {
@@ -1477,7 +1494,7 @@ impl Session {
                 .last()
                 .and_then(|st| st.shape.get())
                 .map(|k| &k.shape);
-            let found = out.shapes.get((shaped.len() - 1) * per_step..);
+            let found = out.shapes().get((shaped.len() - 1) * per_step..);
             let same =
                 found.is_some_and(|f| f.len() == per_step && f.iter().all(|s| Some(s) == wanted));
             if !same {

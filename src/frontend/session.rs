@@ -127,6 +127,30 @@ pub fn route_error(e: &RouteError) -> PgError {
     pg
 }
 
+/// Settings that only matter while a statement runs, never to how it is parsed or what
+/// its result columns are: changing them in a block leaves kept statements shareable.
+const RUN_TIME_ONLY: &[&str] = &[
+    "transaction",
+    "transaction_isolation",
+    "transaction_read_only",
+    "transaction_deferrable",
+    "default_transaction_isolation",
+    "default_transaction_read_only",
+    "default_transaction_deferrable",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "application_name",
+    "synchronous_commit",
+    "work_mem",
+    "maintenance_work_mem",
+];
+
+/// Whether SET or RESET of `name` (`None`: RESET ALL) may change how statements parse.
+fn may_change_parsing(name: Option<&str>) -> bool {
+    name.is_none_or(|n| !RUN_TIME_ONLY.contains(&n))
+}
+
 /// An open transaction block.
 pub struct Txn {
     /// The client's BEGIN (with its options), replayed on each shard the block reaches.
@@ -145,8 +169,9 @@ pub struct Txn {
     /// A utility statement (DDL, …) ran in this block: the schema may differ once it
     /// ends.
     pub schema_changed: bool,
-    /// A SET, SET LOCAL or RESET ran in this block: the held connections' settings are
-    /// not what their fingerprint says until it ends.
+    /// A SET, SET LOCAL or RESET that may change how a statement is parsed ran in this
+    /// block (`may_change_parsing`): the held connections' settings are not what their
+    /// fingerprint says until it ends, and statements kept there are not shared.
     pub settings_changed: bool,
 }
 
@@ -770,10 +795,11 @@ impl Session {
         if !ok {
             return Ok(false);
         }
+        let parsing = may_change_parsing(name.as_deref());
         if local {
             if let Some(t) = self.txn.as_mut() {
                 t.replay.push(text.to_owned());
-                t.settings_changed = true;
+                t.settings_changed |= parsing;
             }
             return Ok(true);
         }
@@ -781,7 +807,7 @@ impl Session {
         let target = match self.txn.as_mut() {
             Some(t) => {
                 t.replay.push(text.to_owned());
-                t.settings_changed = true;
+                t.settings_changed |= parsing;
                 t.pending.get_or_insert_with(|| self.settings.clone())
             }
             None => &mut self.settings,

@@ -91,10 +91,17 @@ pub struct Outcome {
     pub failed_step: Option<usize>,
     /// A notice, ParameterStatus or notification was relayed.
     pub async_frames: bool,
+    /// What only some relays see (boxed, so the common answer stays small).
+    pub rare: Option<Box<RareOutcome>>,
+}
+
+/// The parts of an `Outcome` that only some relays have.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RareOutcome {
     /// The answers to the `StepKind::Shape` steps, in order.
     pub shapes: Vec<StatementShape>,
     /// The first ErrorResponse (as the shard sent it).
-    pub first_error: Option<bytes::Bytes>,
+    pub first_error: Option<Bytes>,
 }
 
 /// What a prepared statement looks like to a client: the answer to Describe of it.
@@ -107,6 +114,20 @@ pub struct StatementShape {
 }
 
 impl Outcome {
+    /// The answers to the `StepKind::Shape` steps, in order.
+    pub fn shapes(&self) -> &[StatementShape] {
+        self.rare.as_ref().map_or(&[], |r| &r.shapes)
+    }
+
+    /// The first ErrorResponse (as the shard sent it), from a single-shard relay.
+    pub fn first_error(&self) -> Option<&[u8]> {
+        self.rare.as_ref().and_then(|r| r.first_error.as_deref())
+    }
+
+    fn rare(&mut self) -> &mut RareOutcome {
+        self.rare.get_or_insert_default()
+    }
+
     /// Record a frame answering a `StepKind::Shape` step (ParameterDescription, then
     /// RowDescription or NoData).
     fn record_shape(&mut self, frame: &[u8]) {
@@ -116,10 +137,12 @@ impl Outcome {
                 // A malformed one (never sent by PostgreSQL) matches no real shape.
                 let params = crate::protocol::messages::parse_parameter_description(body)
                     .unwrap_or_else(|_| vec![u32::MAX]);
-                self.shapes.push(StatementShape { params, rows: None });
+                self.rare()
+                    .shapes
+                    .push(StatementShape { params, rows: None });
             }
             Some(b'T') => {
-                if let Some(last) = self.shapes.last_mut() {
+                if let Some(last) = self.rare().shapes.last_mut() {
                     last.rows = Some(row_shape(body));
                 }
             }

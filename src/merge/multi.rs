@@ -47,6 +47,23 @@ pub async fn relay_multi(
                 let terminal = kind.is_terminal(tag);
                 if kind == StepKind::Shape {
                     out.record_shape(&frame);
+                    if tag == b't' {
+                        // Parameter types must agree as result columns must.
+                        let params = &frame[5..];
+                        match &acc.params {
+                            None => acc.params = Some(params.to_vec()),
+                            Some(first) if first[..] != *params => {
+                                acc.refusal.get_or_insert_with(|| {
+                                    PgError::error(
+                                        sqlstate::DATATYPE_MISMATCH,
+                                        format!("shard \"{}\" infers other parameter types than the others", conn.shard_name),
+                                    )
+                                    .with_hint("the shards' schemas differ; make every shard's tables identical")
+                                });
+                            }
+                            Some(_) => {}
+                        }
+                    }
                 }
                 match tag {
                     b'N' | b'A' => {
@@ -172,6 +189,8 @@ struct StepAccumulator {
     /// Column names, types, typmods and formats of the first RowDescription (table OIDs
     /// and column numbers differ between shards and are left out).
     shape: Option<Vec<u8>>,
+    /// The first shard's ParameterDescription body (a statement's Shape step).
+    params: Option<Vec<u8>>,
     /// The first ErrorResponse any shard sent (raw).
     error: Option<BytesMut>,
     /// An error of the router's own (shards disagree, unsupported shape).

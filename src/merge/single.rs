@@ -56,7 +56,7 @@ pub async fn relay_single(
                     None => client.wbuf.extend_from_slice(&frame),
                 }
                 if !out.error {
-                    out.first_error = Some(frame.freeze());
+                    out.rare().first_error = Some(frame.freeze());
                 }
                 out.error = true;
                 out.failed_step.get_or_insert(done);
@@ -74,17 +74,11 @@ pub async fn relay_single(
                 client.flush().await?;
                 copy_in(conn, client, kind == super::StepKind::Execute).await?;
             }
-            _ if kind == super::StepKind::Shape => {
-                out.record_shape(conn.frame(n));
-                conn.consume(n);
-                if kind.is_terminal(tag) {
-                    steps.pop_front();
-                    done += 1;
-                }
-            }
             _ => {
                 if forward {
                     client.wbuf.extend_from_slice(conn.frame(n));
+                } else if kind == super::StepKind::Shape {
+                    out.record_shape(conn.frame(n));
                 }
                 conn.consume(n);
                 if kind.is_terminal(tag) {
