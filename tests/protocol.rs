@@ -654,6 +654,74 @@ async fn prepared_statements_across_pooled_connections() {
     r.stop().await;
 }
 
+/// `a`'s application_name, read on both server connections of a pool of two: once with
+/// the other held by `b` in an open transaction.
+async fn app_on_both(a: &tokio_postgres::Client, b: &tokio_postgres::Client, want: &str) {
+    let app = || async {
+        a.query_one("SELECT current_setting('application_name')", &[])
+            .await
+            .expect("application_name")
+            .get::<_, String>(0)
+    };
+    assert_eq!(app().await, want);
+    b.batch_execute("BEGIN").await.expect("begin");
+    b.query_one("SELECT 1", &[])
+        .await
+        .expect("hold a connection");
+    assert_eq!(app().await, want, "with the other connection held");
+    b.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(app().await, want);
+}
+
+#[tokio::test]
+async fn a_set_rolled_back_to_its_savepoint_does_not_stick() {
+    // PostgreSQL undoes a SET made after a savepoint when the block rolls back to it;
+    // the router must not adopt it at COMMIT (and replay it on other connections).
+    let mut opts = common::options();
+    opts.pool.size = 2;
+    opts.pool.checkout_timeout = Duration::from_secs(30);
+    let r = shardwire::server::start(opts).await.expect("router starts");
+    let a = common::connect(&r).await;
+    let b = common::connect(&r).await;
+    a.batch_execute("SET application_name = 'before'")
+        .await
+        .expect("set");
+    for sql in [
+        "BEGIN",
+        "SAVEPOINT s1",
+        "SET application_name = 'rolled_back'",
+        "ROLLBACK TO SAVEPOINT s1",
+        "COMMIT",
+    ] {
+        a.batch_execute(sql).await.expect(sql);
+    }
+    app_on_both(&a, &b, "before").await;
+    for sql in [
+        "BEGIN",
+        "SET application_name = 'outer'",
+        "SAVEPOINT s1",
+        "SET application_name = 'inner'",
+        "SAVEPOINT s2",
+        "ROLLBACK TO SAVEPOINT s1",
+        "COMMIT",
+    ] {
+        a.batch_execute(sql).await.expect(sql);
+    }
+    app_on_both(&a, &b, "outer").await;
+    for sql in [
+        "BEGIN",
+        "SAVEPOINT s1",
+        "SET application_name = 'released'",
+        "RELEASE SAVEPOINT s1",
+        "COMMIT",
+    ] {
+        a.batch_execute(sql).await.expect(sql);
+    }
+    app_on_both(&a, &b, "released").await;
+    drop((a, b));
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn session_settings_do_not_leak_between_clients() {
     let mut opts = common::options();

@@ -829,13 +829,7 @@ impl Session {
             return Ok(());
         };
         let portal = b.portal.to_owned();
-        if self.in_failed_block()
-            && !stmt
-                .plan
-                .statements
-                .first()
-                .is_some_and(|s| ends_failed_block(s, &stmt.sql))
-        {
+        if self.in_failed_block() && !stmt.plan.statements.first().is_some_and(ends_failed_block) {
             self.ext_error(Session::aborted_error());
             return Ok(());
         }

@@ -23,7 +23,7 @@ use crate::merge::{relay_multi, relay_single, Combine, RelayError, Step, StepKin
 use crate::protocol::codec::FrameError;
 use crate::protocol::messages;
 use crate::protocol::{sqlstate, PgError};
-use crate::router::{MergePlan, Route, RouteError, StatementKind, StatementPlan};
+use crate::router::{MergePlan, Route, RouteError, SavepointOp, StatementKind, StatementPlan};
 use crate::topology::ShardId;
 
 /// Server-side prepared statements a pooled connection may accumulate before they are
@@ -164,6 +164,9 @@ pub struct Txn {
     pub writer: Option<ShardId>,
     /// Session settings changed inside the block, kept only if it commits.
     pub pending: Option<Settings>,
+    /// The block's savepoints, oldest first, each with `pending` as it was when it was
+    /// defined: ROLLBACK TO one undoes the SETs made since, as in PostgreSQL.
+    pub savepoints: Vec<(String, Option<Settings>)>,
     /// Opened by the router around a multi-statement query, not by the client.
     pub implicit: bool,
     /// A utility statement (DDL, …) ran in this block: the schema may differ once it
@@ -176,6 +179,26 @@ pub struct Txn {
 }
 
 impl Txn {
+    /// Follow a savepoint statement that succeeded: the session settings the block
+    /// will keep go back to what they were at the savepoint on ROLLBACK TO.
+    fn savepoint_done(&mut self, op: SavepointOp, name: &str) {
+        let at = self.savepoints.iter().rposition(|(n, _)| n == name);
+        match (op, at) {
+            (SavepointOp::Define, _) => self
+                .savepoints
+                .push((name.to_owned(), self.pending.clone())),
+            (SavepointOp::RollbackTo, Some(i)) => {
+                // The savepoint stays; those defined after it are gone.
+                self.savepoints.truncate(i + 1);
+                self.pending = self.savepoints[i].1.clone();
+            }
+            (SavepointOp::Release, Some(i)) => self.savepoints.truncate(i),
+            // Unknown to the router (refused by the shard, or defined before a
+            // connection was held and not yet checked): nothing to follow.
+            (_, None) => {}
+        }
+    }
+
     fn new(begin_sql: String, implicit: bool) -> Txn {
         Txn {
             begin_sql,
@@ -183,6 +206,7 @@ impl Txn {
             failed: false,
             writer: None,
             pending: None,
+            savepoints: Vec::new(),
             implicit,
             schema_changed: false,
             settings_changed: false,
@@ -520,7 +544,7 @@ impl Session {
                     StatementKind::Begin
                         | StatementKind::Commit
                         | StatementKind::Rollback
-                        | StatementKind::Savepoint
+                        | StatementKind::Savepoint { .. }
                 )
             });
         if implicit {
@@ -546,7 +570,7 @@ impl Session {
         stmt: &StatementPlan,
         text: &str,
     ) -> Result<bool, SessionError> {
-        if self.in_failed_block() && !ends_failed_block(stmt, text) {
+        if self.in_failed_block() && !ends_failed_block(stmt) {
             Self::aborted_error().encode(&mut self.client.wbuf);
             return Ok(false);
         }
@@ -606,7 +630,9 @@ impl Session {
             }
             // Boxed, here and below: rarer statements with larger futures, kept out of
             // the future of every statement.
-            StatementKind::Savepoint => Box::pin(self.savepoint(stmt, text)).await,
+            StatementKind::Savepoint { op, name } => {
+                Box::pin(self.savepoint(stmt, text, *op, name)).await
+            }
             StatementKind::Set { name, local } => {
                 Box::pin(self.set(stmt, text, Some(name.clone()), *local)).await
             }
@@ -729,14 +755,21 @@ impl Session {
         Ok(ok)
     }
 
-    async fn savepoint(&mut self, stmt: &StatementPlan, text: &str) -> Result<bool, SessionError> {
+    async fn savepoint(
+        &mut self,
+        stmt: &StatementPlan,
+        text: &str,
+        op: SavepointOp,
+        name: &str,
+    ) -> Result<bool, SessionError> {
         if self.txn.as_ref().is_none_or(|t| t.implicit) || self.held.is_empty() {
             if let Some(t) = self.txn.as_mut().filter(|t| !t.implicit) {
                 // No shard reached yet: remember it for the shards that join.
                 t.replay.push(text.to_owned());
-                if savepoint_tag(text) == "ROLLBACK" {
+                if op == SavepointOp::RollbackTo {
                     t.failed = false;
                 }
+                t.savepoint_done(op, name);
                 messages::command_complete(&mut self.client.wbuf, savepoint_tag(text));
                 return Ok(true);
             }
@@ -747,13 +780,11 @@ impl Session {
         let ok = self.run_on(&shards, text, Combine::Replicated).await?;
         if let Some(t) = self.txn.as_mut() {
             t.replay.push(text.to_owned());
-            if ok
-                && text
-                    .trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with("rollback")
-            {
-                t.failed = false;
+            if ok {
+                if op == SavepointOp::RollbackTo {
+                    t.failed = false;
+                }
+                t.savepoint_done(op, name);
             }
         }
         self.sync_txn_status();
@@ -1026,13 +1057,10 @@ pub fn invalid_utf8() -> PgError {
 }
 
 /// Statements allowed in a failed transaction block.
-pub(super) fn ends_failed_block(stmt: &StatementPlan, text: &str) -> bool {
+pub(super) fn ends_failed_block(stmt: &StatementPlan) -> bool {
     match stmt.kind {
         StatementKind::Commit | StatementKind::Rollback => true,
-        StatementKind::Savepoint => text
-            .trim_start()
-            .to_ascii_lowercase()
-            .starts_with("rollback"),
+        StatementKind::Savepoint { op, .. } => op == SavepointOp::RollbackTo,
         _ => false,
     }
 }

@@ -21,7 +21,7 @@ use super::shape::{
     Body, CmpOp, ColRef, DmlKind, InsertShape, Pred, QueryShape, Rel, RelKind, Scope, ScopeKind,
     StmtShape, Value,
 };
-use super::{RouteError, StatementKind};
+use super::{RouteError, SavepointOp, StatementKind};
 
 /// Names of built-in aggregate functions (an aggregate call without `*`, `DISTINCT`,
 /// `ORDER BY` or `FILTER` looks like any other function call in the raw parse tree).
@@ -224,11 +224,17 @@ impl Analyzer<'_> {
                 }
                 Ok(TransactionStmtKind::TransStmtCommit) => simple(K::Commit, false),
                 Ok(TransactionStmtKind::TransStmtRollback) => simple(K::Rollback, false),
-                Ok(
-                    TransactionStmtKind::TransStmtSavepoint
-                    | TransactionStmtKind::TransStmtRelease
-                    | TransactionStmtKind::TransStmtRollbackTo,
-                ) => simple(K::Savepoint, false),
+                Ok(k @ (TransactionStmtKind::TransStmtSavepoint
+                | TransactionStmtKind::TransStmtRelease
+                | TransactionStmtKind::TransStmtRollbackTo)) => {
+                    let op = match k {
+                        TransactionStmtKind::TransStmtSavepoint => SavepointOp::Define,
+                        TransactionStmtKind::TransStmtRelease => SavepointOp::Release,
+                        _ => SavepointOp::RollbackTo,
+                    };
+                    let name = t.savepoint_name.clone();
+                    simple(K::Savepoint { op, name }, false)
+                }
                 Ok(TransactionStmtKind::TransStmtPrepare) => refuse(
                     K::Commit,
                     RouteError::unsupported(

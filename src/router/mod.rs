@@ -193,7 +193,8 @@ pub enum StatementKind {
     /// ROLLBACK / ABORT (not ROLLBACK TO SAVEPOINT).
     Rollback,
     /// SAVEPOINT / RELEASE / ROLLBACK TO: go to every shard the transaction touched.
-    Savepoint,
+    /// `name` as PostgreSQL folds it.
+    Savepoint { op: SavepointOp, name: String },
     /// SET [SESSION|LOCAL] name …; `SET TIME ZONE` is "timezone", `SET NAMES` is
     /// "client_encoding", `SET TRANSACTION …` is "transaction" (local). Lower case.
     Set { name: String, local: bool },
@@ -205,6 +206,14 @@ pub enum StatementKind {
     Show,
     /// Any other utility statement (DDL, COPY, DO, CALL, …): routed by `route()`.
     Other,
+}
+
+/// What a savepoint statement does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SavepointOp {
+    Define,
+    Release,
+    RollbackTo,
 }
 
 /// One Bind parameter as the client sent it.

@@ -518,9 +518,18 @@ fn statement_kinds() {
     assert_eq!(kinds("COMMIT AND CHAIN"), vec![K::Commit]);
     assert_eq!(kinds("ABORT"), vec![K::Rollback]);
     assert_eq!(kinds("ROLLBACK"), vec![K::Rollback]);
+    let sp = |op, name: &str| K::Savepoint {
+        op,
+        name: name.into(),
+    };
     assert_eq!(
-        kinds("SAVEPOINT a; RELEASE SAVEPOINT a; ROLLBACK TO SAVEPOINT a"),
-        vec![K::Savepoint, K::Savepoint, K::Savepoint]
+        kinds("SAVEPOINT a; RELEASE SAVEPOINT a; ROLLBACK TO SAVEPOINT \"B c\"; RELEASE A"),
+        vec![
+            sp(SavepointOp::Define, "a"),
+            sp(SavepointOp::Release, "a"),
+            sp(SavepointOp::RollbackTo, "B c"),
+            sp(SavepointOp::Release, "a"),
+        ]
     );
     assert_eq!(
         kinds("SET search_path = app"),
