@@ -17,7 +17,9 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::session::{ends_failed_block, route_error, Session, SessionError, StmtError};
+use super::session::{
+    ends_failed_block, flush_all, route_error, write_to, Session, SessionError, StmtError,
+};
 use crate::merge::{
     relay_multi, relay_single, Combine, RelayError, StatementShape, Step, StepKind,
 };
@@ -93,6 +95,17 @@ impl PreparedStatement {
     /// A client's named statement (its copies are checked against its shape).
     fn is_named(&self) -> bool {
         !self.unnamed
+    }
+
+    /// Whether the new copies' answers to Describe (`found`, one per shard) all give
+    /// this statement's kept shape.
+    fn gives(&self, found: Option<&[StatementShape]>) -> bool {
+        match (self.shape.get(), found) {
+            (Some(kept), Some(found)) => {
+                !found.is_empty() && found.iter().all(|f| *f == kept.shape)
+            }
+            _ => false,
+        }
     }
 
     /// Transaction control and settings are run by the session, not forwarded as is.
@@ -1265,11 +1278,12 @@ impl Session {
             let Some(stop) = stopped else {
                 break (result, router_error);
             };
-            let wanted = shaped
-                .last()
-                .and_then(|st| st.shape.get())
-                .map(|k| &k.shape);
-            if out.shapes().len() != shaped.len() || out.shapes().last() != wanted {
+            // The stopped part's last Shape step is the new copy's.
+            let found = out
+                .shapes()
+                .get(shaped.len() - 1..)
+                .filter(|f| f.len() == 1);
+            if !shaped.last().is_some_and(|st| st.gives(found)) {
                 // The new copy has other result columns than the client decodes by
                 // (DDL since the statement was prepared): refused before it runs, as
                 // PostgreSQL refuses its own kept statement then. The shard's
@@ -1451,21 +1465,8 @@ impl Session {
             let router_error = batch.router_error;
             let (stopped, shaped) = (batch.stopped, std::mem::take(&mut batch.shaped));
             synced = sync && stopped.is_none();
-            let mut conns = Vec::with_capacity(shards.len());
-            for (id, c) in self.held.iter_mut() {
-                if shards.contains(id) {
-                    c.wbuf.extend_from_slice(&wire);
-                    conns.push(&mut **c);
-                }
-            }
-            let mut sent = Ok(());
-            for c in conns.iter_mut() {
-                if let Err(e) = c.flush().await {
-                    sent = Err(e);
-                    break;
-                }
-            }
-            let result = match sent {
+            let mut conns = write_to(&mut self.held, shards, |b| b.extend_from_slice(&wire));
+            let result = match flush_all(&mut conns).await {
                 Ok(()) => relay_multi(&mut conns, &mut self.client, &mut steps, combine).await,
                 Err(e) => Err(RelayError::Backend(e)),
             };
@@ -1484,14 +1485,12 @@ impl Session {
             if out.error {
                 break (result, router_error);
             }
-            let wanted = shaped
-                .last()
-                .and_then(|st| st.shape.get())
-                .map(|k| &k.shape);
-            let found = out.shapes().get((shaped.len() - 1) * per_step..);
-            let same =
-                found.is_some_and(|f| f.len() == per_step && f.iter().all(|s| Some(s) == wanted));
-            if !same {
+            // The stopped part's last Shape step is the new copies', one per shard.
+            let found = out
+                .shapes()
+                .get((shaped.len() - 1) * per_step..)
+                .filter(|f| f.len() == per_step);
+            if !shaped.last().is_some_and(|st| st.gives(found)) {
                 refused = true;
                 break (result, router_error);
             }

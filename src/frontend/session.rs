@@ -951,21 +951,8 @@ impl Session {
                 Err(e) => Err(RelayError::Backend(e)),
             }
         } else {
-            let mut conns = Vec::with_capacity(shards.len());
-            for (id, c) in self.held.iter_mut() {
-                if shards.contains(id) {
-                    messages::query(&mut c.wbuf, sql);
-                    conns.push(&mut **c);
-                }
-            }
-            let mut sent = Ok(());
-            for c in conns.iter_mut() {
-                if let Err(e) = c.flush().await {
-                    sent = Err(e);
-                    break;
-                }
-            }
-            match sent {
+            let mut conns = write_to(&mut self.held, shards, |b| messages::query(b, sql));
+            match flush_all(&mut conns).await {
                 Ok(()) => {
                     Box::pin(relay_multi(
                         &mut conns,
@@ -1036,6 +1023,32 @@ impl Session {
             }
         }
     }
+}
+
+/// The held connections to `shards`, each with `write` applied to its output buffer.
+pub(super) fn write_to<'a>(
+    held: &'a mut super::held::Held<Checkout>,
+    shards: &[ShardId],
+    write: impl Fn(&mut BytesMut),
+) -> Vec<&'a mut crate::backend::ServerConn> {
+    let mut conns = Vec::with_capacity(shards.len());
+    for (id, c) in held.iter_mut() {
+        if shards.contains(id) {
+            write(&mut c.wbuf);
+            conns.push(&mut **c);
+        }
+    }
+    conns
+}
+
+/// Send every connection's buffered output, stopping at the first that fails.
+pub(super) async fn flush_all(
+    conns: &mut [&mut crate::backend::ServerConn],
+) -> Result<(), BackendError> {
+    for c in conns.iter_mut() {
+        c.flush().await?;
+    }
+    Ok(())
 }
 
 /// A shard's ErrorResponse (from a statement the router ran itself) for the client.

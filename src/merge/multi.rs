@@ -54,11 +54,7 @@ pub async fn relay_multi(
                             None => acc.params = Some(params.to_vec()),
                             Some(first) if first[..] != *params => {
                                 acc.refusal.get_or_insert_with(|| {
-                                    PgError::error(
-                                        sqlstate::DATATYPE_MISMATCH,
-                                        format!("shard \"{}\" infers other parameter types than the others", conn.shard_name),
-                                    )
-                                    .with_hint("the shards' schemas differ; make every shard's tables identical")
+                                    shards_differ(&conn.shard_name, "infers other parameter types")
                                 });
                             }
                             Some(_) => {}
@@ -102,11 +98,10 @@ pub async fn relay_multi(
                             }
                             Some(first) if *first != shape => {
                                 acc.refusal.get_or_insert_with(|| {
-                                    PgError::error(
-                                        sqlstate::DATATYPE_MISMATCH,
-                                        format!("shard \"{}\" returned different result columns than the others", conn.shard_name),
+                                    shards_differ(
+                                        &conn.shard_name,
+                                        "returned different result columns",
                                     )
-                                    .with_hint("the shards' schemas differ; make every shard's tables identical")
                                 });
                             }
                             Some(_) => {}
@@ -181,6 +176,16 @@ pub async fn relay_multi(
         }
     }
     Ok(out)
+}
+
+/// The refusal when `shard` disagrees with the others about a statement (`what` it
+/// did: "returned different result columns", …).
+fn shards_differ(shard: &str, what: &str) -> PgError {
+    PgError::error(
+        sqlstate::DATATYPE_MISMATCH,
+        format!("shard \"{shard}\" {what} than the others"),
+    )
+    .with_hint("the shards' schemas differ; make every shard's tables identical")
 }
 
 /// What one step's answers add up to across shards.
