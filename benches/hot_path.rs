@@ -102,7 +102,7 @@ fn router_hit(c: &mut Criterion) {
     g.bench_function("point_query", |b| {
         b.iter(|| {
             router
-                .point_query(black_box(literal))
+                .point_query(black_box(literal.as_bytes()))
                 .expect("a point query")
                 .shard
         })

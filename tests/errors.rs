@@ -457,6 +457,102 @@ async fn lying_frames_after_login_are_fatal() {
     r.stop().await;
 }
 
+/// A Query whose bytes are not UTF-8, or hold a NUL before the terminator, after the
+/// same point SELECT's shape is cached (the router looks such a text up before it checks
+/// the bytes): refused as PostgreSQL refuses it, and nothing of the bytes runs.
+#[tokio::test]
+async fn query_strings_not_utf8_or_with_a_nul_are_refused_after_their_shape_is_cached() {
+    common::ensure_schema().await;
+    let r = common::router().await;
+    let id = 7_400_001i64;
+    let home = common::shard_for(&common::topology(), "users", id);
+    let shard = common::shard(home).await;
+    shard
+        .execute(
+            "INSERT INTO users (user_id, name) VALUES ($1, 'utf8 check') \
+             ON CONFLICT (user_id) DO UPDATE SET name = EXCLUDED.name",
+            &[&id],
+        )
+        .await
+        .expect("seed");
+    let text = format!("SELECT name FROM users WHERE user_id = {id}");
+    let query_bytes = |body: &[u8]| {
+        let mut q = vec![b'Q'];
+        q.extend_from_slice(&(body.len() as i32 + 5).to_be_bytes());
+        q.extend_from_slice(body);
+        q.push(0);
+        q
+    };
+    let answer = |msgs: &[Msg]| -> Vec<(u8, Option<String>)> {
+        msgs.iter()
+            .map(|m| (m.tag, (m.tag == b'E').then(|| m.field(b'C')).flatten()))
+            .collect()
+    };
+    let mut raw = Raw::connect(&r).await;
+    raw.login().await;
+    // Twice: the second run finds the cached shape.
+    for _ in 0..2 {
+        let msgs = raw.query(&text).await;
+        let tags: Vec<u8> = msgs.iter().map(|m| m.tag).collect();
+        assert_eq!(tags, b"TDCZ", "{msgs:?}");
+        assert!(msgs[1].body.ends_with(b"utf8 check"), "{msgs:?}");
+    }
+    // Not UTF-8: a 0xff in a quoted alias (`?` below; one literal, so the lexer takes it
+    // for a point query's text), and half a character in a comment. 22021, and the
+    // session goes on.
+    for body in [
+        format!("SELECT name AS \"?\" FROM users WHERE user_id = {id}").into_bytes(),
+        [text.as_bytes(), b" -- \xc3"].concat(),
+    ] {
+        let body = body
+            .iter()
+            .map(|&b| if b == b'?' { 0xff } else { b })
+            .collect::<Vec<u8>>();
+        raw.send(&query_bytes(&body)).await;
+        let mut msgs = Vec::new();
+        loop {
+            let m = raw.recv().await.expect("an answer");
+            let done = m.tag == b'Z';
+            msgs.push(m);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(
+            answer(&msgs),
+            vec![(b'E', Some("22021".into())), (b'Z', None)],
+            "{:?}: {msgs:?}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let msgs = raw.query(&text).await;
+    assert_eq!(answer(&msgs).len(), 4, "the session goes on: {msgs:?}");
+
+    // A NUL inside the text, in a comment and before a second statement: the message is
+    // malformed (FATAL 08P01), and the statement after the NUL never runs.
+    for tail in [
+        &b" /* \0 */"[..],
+        b"\0; DELETE FROM users WHERE user_id = 7400001",
+    ] {
+        let mut raw = Raw::connect(&r).await;
+        raw.login().await;
+        raw.query(&text).await;
+        raw.send_lossy(&query_bytes(&[text.as_bytes(), tail].concat()))
+            .await;
+        let msgs = raw.drain().await;
+        assert_eq!(msgs.len(), 1, "one FATAL, then close: {msgs:?}");
+        assert_refused(&msgs, &["08P01"], "a NUL inside a Query");
+    }
+    let left: i64 = shard
+        .query_one("SELECT count(*) FROM users WHERE user_id = $1", &[&id])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 1, "nothing after a NUL ran");
+    still_serving(&r).await;
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn oversized_messages_are_refused_with_54000() {
     let mut opts = common::options();

@@ -1334,7 +1334,7 @@ impl Session {
         shard: ShardId,
         bound: &crate::router::BoundForm,
         value: &str,
-        text: &str,
+        text: &[u8],
     ) -> Result<bool, SessionError> {
         if let Err(e) = self.conn_for(shard).await {
             self.fail(e);
@@ -1350,7 +1350,7 @@ impl Session {
             return Ok(false);
         };
         let Some(key) = shared_key(bound.hash, conn.settings, epoch) else {
-            return self.run_on(&[shard], text, Combine::Sum).await;
+            return self.run_point_text(shard, text).await;
         };
         let create = !conn.prepared.contains(&key);
         if create
@@ -1359,7 +1359,7 @@ impl Session {
                 .seen_texts
                 .keep_new(conn.prepared.len(), bound.hash, true)
         {
-            return self.run_on(&[shard], text, Combine::Sum).await;
+            return self.run_point_text(shard, text).await;
         }
         let mut steps = std::mem::take(&mut self.steps);
         steps.clear();
@@ -1418,11 +1418,23 @@ impl Session {
                 {
                     tracing::debug!(shard, "a kept point query failed; running its text");
                     self.client.take_back(mark);
-                    return self.run_on(&[shard], text, Combine::Sum).await;
+                    return self.run_point_text(shard, text).await;
                 }
             }
         }
         self.finish_relay(&[shard], result)
+    }
+
+    /// `run_point`'s way out: the query run as its text. The text is UTF-8 (it matched
+    /// a cached key, or came as a `str`); were it not, it gets PostgreSQL's error.
+    async fn run_point_text(&mut self, shard: ShardId, text: &[u8]) -> Result<bool, SessionError> {
+        match std::str::from_utf8(text) {
+            Ok(sql) => self.run_on(&[shard], sql, Combine::Sum).await,
+            Err(_) => {
+                self.fail(super::session::invalid_utf8());
+                Ok(false)
+            }
+        }
     }
 
     async fn run_fanout(

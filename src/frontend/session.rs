@@ -500,6 +500,20 @@ impl Session {
     // Simple query protocol
 
     async fn simple_query(&mut self, frame: BytesMut) -> Result<(), SessionError> {
+        let router = self.shared.router.load_full();
+        // A point SELECT seen before runs without a plan being built: what `execute`
+        // would do with its one statement (`run_routed` → `run_point`). It is looked up
+        // before the text is checked: only a well-formed text can match (see
+        // `Router::point_query`), and a text that does not goes the long way.
+        if self.point_queries_open() {
+            if let Some((0, text)) = frame[5..].split_last() {
+                if let Some(p) = router.point_query(text) {
+                    self.skipping = false;
+                    self.run_point(p.shard, &p.bound, p.value, text).await?;
+                    return self.ready().await;
+                }
+            }
+        }
         let sql = match messages::parse_query(&frame[5..]) {
             Ok(s) => s,
             Err(e) if e.is_encoding() => {
@@ -514,15 +528,6 @@ impl Session {
             }
         };
         self.skipping = false;
-        let router = self.shared.router.load_full();
-        // A point SELECT seen before runs without a plan being built: what `execute`
-        // would do with its one statement (`run_routed` → `run_point`).
-        if self.point_queries_open() {
-            if let Some(p) = router.point_query(sql) {
-                self.run_point(p.shard, &p.bound, p.value, sql).await?;
-                return self.ready().await;
-            }
-        }
         let plan = match router.plan(sql) {
             Ok(p) => p,
             Err(e) => {
@@ -880,7 +885,7 @@ impl Session {
         // A point SELECT outside a block: the shard parses it once per connection.
         if self.point_queries_open() {
             if let Some((shard, bound, value)) = stmt.point_literal(router.topology()) {
-                return self.run_point(shard, bound, value, text).await;
+                return self.run_point(shard, bound, value, text.as_bytes()).await;
             }
         }
         let routed = match stmt.route_quiet(router.topology(), &[]) {

@@ -32,7 +32,7 @@ pub(crate) struct Normalized {
 
 /// Marker byte for a literal in `Normalized::key`; a query containing it is not
 /// normalized, so a marker in the key always stands for a literal.
-const MARK: char = '\u{1}';
+const MARK: u8 = 1;
 
 /// Byte classes for the lexer's inner loops (a table lookup beats the chains of range
 /// tests on every byte of every query string).
@@ -49,7 +49,7 @@ const CLASS: [u8; 256] = {
             t[i] = IDENT_START | IDENT_CHAR;
         } else if b.is_ascii_digit() || b == b'$' {
             t[i] = IDENT_CHAR;
-        } else if !matches!(b, b'-' | b'/' | b'"' | b'\'' | b'.' | 1) {
+        } else if !matches!(b, b'-' | b'/' | b'"' | b'\'' | b'.' | 0 | MARK) {
             t[i] = PLAIN;
         }
         i += 1;
@@ -68,21 +68,28 @@ fn is_ident_char(b: u8) -> bool {
 /// Lex `sql`; `None` when the text holds something the lexer will not vouch for.
 #[cfg(test)]
 pub(crate) fn normalize(sql: &str) -> Option<Normalized> {
-    let (mut key, mut lits) = (String::new(), Vec::new());
-    normalize_into(sql, &mut key, &mut lits).then_some(Normalized { key, lits })
+    let (mut key, mut lits) = (Vec::new(), Vec::new());
+    normalize_into(sql.as_bytes(), &mut key, &mut lits).then_some(())?;
+    let key = String::from_utf8(key).expect("a key of a str is UTF-8");
+    Some(Normalized { key, lits })
 }
 
 /// `normalize` into buffers the caller keeps (cleared first), so the hot path does not
 /// allocate; `false` when the text holds something the lexer will not vouch for.
-pub(crate) fn normalize_into(sql: &str, key: &mut String, lits: &mut Vec<LitSpan>) -> bool {
+///
+/// It works on bytes, so that a query string can be looked up before it is checked
+/// for UTF-8: the key of a text that is not UTF-8 has no UTF-8 text's key, since every
+/// byte outside literals is kept and literals that become markers are ASCII numbers and
+/// `'...'` strings (a caller that relies on this must check the strings itself). A NUL
+/// byte declines, as PostgreSQL refuses it in a query string.
+pub(crate) fn normalize_into(sql: &[u8], key: &mut Vec<u8>, lits: &mut Vec<LitSpan>) -> bool {
     key.clear();
     lits.clear();
     normalize_inner(sql, key, lits).is_some()
 }
 
-fn normalize_inner(sql: &str, key: &mut String, lits: &mut Vec<LitSpan>) -> Option<()> {
-    let b = sql.as_bytes();
-    key.reserve(sql.len());
+fn normalize_inner(b: &[u8], key: &mut Vec<u8>, lits: &mut Vec<LitSpan>) -> Option<()> {
+    key.reserve(b.len());
     let mut i = 0;
     let mut copied = 0; // bytes of `sql` already reflected in `key`
     while i < b.len() {
@@ -104,9 +111,8 @@ fn normalize_inner(sql: &str, key: &mut String, lits: &mut Vec<LitSpan>) -> Opti
                 if continues_string(b, end) {
                     return None;
                 }
-                key.push_str(&sql[copied..i]);
-                key.push(MARK);
-                key.push('s');
+                key.extend_from_slice(&b[copied..i]);
+                key.extend_from_slice(&[MARK, b's']);
                 lits.push(LitSpan {
                     start: i,
                     end,
@@ -141,9 +147,8 @@ fn normalize_inner(sql: &str, key: &mut String, lits: &mut Vec<LitSpan>) -> Opti
                         break;
                     }
                 }
-                key.push_str(&sql[copied..start]);
-                key.push(MARK);
-                key.push('n');
+                key.extend_from_slice(&b[copied..start]);
+                key.extend_from_slice(&[MARK, b'n']);
                 lits.push(LitSpan {
                     start,
                     end: i,
@@ -152,7 +157,7 @@ fn normalize_inner(sql: &str, key: &mut String, lits: &mut Vec<LitSpan>) -> Opti
                 copied = i;
             }
             // The marker byte itself: a key holding it would be ambiguous.
-            1 => return None,
+            0 | MARK => return None,
             _ if is_ident_start(c) => {
                 let start = i;
                 while i < b.len() && is_ident_char(b[i]) {
@@ -181,7 +186,7 @@ fn normalize_inner(sql: &str, key: &mut String, lits: &mut Vec<LitSpan>) -> Opti
             _ => i += 1,
         }
     }
-    key.push_str(&sql[copied..]);
+    key.extend_from_slice(&b[copied..]);
     Some(())
 }
 

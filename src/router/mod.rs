@@ -74,7 +74,7 @@ struct PlanCache {
     /// The topology version the entries were made under.
     version: u64,
     exact: HashMap<String, Arc<QueryPlan>>,
-    shapes: HashMap<String, Arc<SharedPlan>>,
+    shapes: HashMap<Vec<u8>, Arc<SharedPlan>>,
 }
 
 /// The analysis shared by all query strings with the same normalized text.
@@ -334,17 +334,19 @@ impl Router {
     /// statement whose `StatementPlan::point_literal` holds. The same answer as `plan`
     /// and `point_literal`, for a fraction of the work (no plan is built): the proxy
     /// tries it first on every simple-protocol query.
-    pub fn point_query<'s>(&self, sql: &'s str) -> Option<PointQuery<'s>> {
+    pub fn point_query<'s>(&self, sql: &'s [u8]) -> Option<PointQuery<'s>> {
         let version = self.topology.version;
         SCRATCH.with(|scratch| {
             let (key, spans) = &mut *scratch.borrow_mut();
             let [lit] = lexer::normalize_into(sql, key, spans).then_some(spans.as_slice())? else {
                 return None;
             };
+            // A number, so the text is UTF-8 if its key is a cached one (see
+            // `normalize_into`): the caller need not have checked it.
             if lit.string {
                 return None;
             }
-            let shared = self.with_cache(version, |c| c.shapes.get(key.as_str()).cloned())?;
+            let shared = self.with_cache(version, |c| c.shapes.get(key.as_slice()).cloned())?;
             let [stmt] = shared.statements.as_slice() else {
                 return None;
             };
@@ -353,7 +355,7 @@ impl Router {
             if stmt.session_effects {
                 return None;
             }
-            let value = sql.get(lit.start..lit.end)?;
+            let value = std::str::from_utf8(sql.get(lit.start..lit.end)?).ok()?;
             let shard = bound.shard_for(value, &self.topology)?;
             Some(PointQuery {
                 shard,
@@ -373,10 +375,10 @@ impl Router {
             // A text with literals is found by its shape; the exact-text cache holds
             // the rest: texts without literals, texts the lexer leaves to the parser,
             // and texts whose plan depends on their literal values.
-            if !lexer::normalize_into(sql, key, spans) || spans.is_empty() {
+            if !lexer::normalize_into(sql.as_bytes(), key, spans) || spans.is_empty() {
                 return exact().ok_or(None);
             }
-            match self.with_cache(version, |c| c.shapes.get(key.as_str()).cloned()) {
+            match self.with_cache(version, |c| c.shapes.get(key.as_slice()).cloned()) {
                 Some(shared) => Ok(Arc::new(instantiate(&shared, sql, spans))),
                 None => exact().ok_or_else(|| Some((key.clone(), spans.clone()))),
             }
@@ -422,8 +424,8 @@ impl Router {
         self.with_cache(version, |c| match (shareable, &norm) {
             // Not in the exact-text cache as well: texts that differ only in literals
             // (every pgbench query) would churn it.
-            (true, Some((key, _))) => insert_bounded(&mut c.shapes, key, &Arc::new(shared)),
-            _ => insert_bounded(&mut c.exact, sql, &plan),
+            (true, Some((key, _))) => insert_bounded(&mut c.shapes, key.clone(), &Arc::new(shared)),
+            _ => insert_bounded(&mut c.exact, sql.to_owned(), &plan),
         });
         Ok(plan)
     }
@@ -453,21 +455,25 @@ impl Router {
 }
 
 /// Insert, evicting an arbitrary eighth of the entries when full.
-fn insert_bounded<T>(map: &mut HashMap<String, Arc<T>>, key: &str, value: &Arc<T>) {
+fn insert_bounded<K: std::hash::Hash + Eq + Clone, T>(
+    map: &mut HashMap<K, Arc<T>>,
+    key: K,
+    value: &Arc<T>,
+) {
     if map.len() >= CACHE_CAPACITY {
-        let victims: Vec<String> = map.keys().take(CACHE_CAPACITY / 8).cloned().collect();
+        let victims: Vec<K> = map.keys().take(CACHE_CAPACITY / 8).cloned().collect();
         for v in victims {
             map.remove(&v);
         }
     }
-    map.insert(key.to_owned(), Arc::clone(value));
+    map.insert(key, Arc::clone(value));
 }
 
 thread_local! {
     /// The normalized text and literal spans of the query string being planned, in
     /// per-thread buffers: a hit on a shape then allocates only the plan itself (and
     /// `Router::point_query` nothing).
-    static SCRATCH: RefCell<(String, Vec<LitSpan>)> = const { RefCell::new((String::new(), Vec::new())) };
+    static SCRATCH: RefCell<(Vec<u8>, Vec<LitSpan>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// A plan for `sql` from a shared analysis. `new_spans` are `sql`'s literal spans; they

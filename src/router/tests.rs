@@ -854,7 +854,7 @@ fn point_literal_binds_only_a_lone_integer_key_literal_of_a_select() {
     let users = &topo.distributions[USERS];
     // Before its shape is cached, a text is planned the long way.
     assert!(r
-        .point_query("SELECT name FROM users WHERE user_id = 42")
+        .point_query(b"SELECT name FROM users WHERE user_id = 42")
         .is_none());
     let point = |sql: &str| {
         let plan = r.plan(sql).expect("plans");
@@ -864,7 +864,7 @@ fn point_literal_binds_only_a_lone_integer_key_literal_of_a_select() {
             .map(|(s, b, v)| (s, b.sql.clone(), v.to_owned()));
         // Once the shape is cached, the proxy's fast path gives the same answer.
         let fast = r
-            .point_query(sql)
+            .point_query(sql.as_bytes())
             .map(|p| (p.shard, p.bound.sql.clone(), p.value.to_owned()));
         assert_eq!(fast, planned, "point_query: {sql}");
         planned
@@ -931,7 +931,7 @@ fn point_literal_binds_only_a_lone_integer_key_literal_of_a_select() {
         "SET x = DEFAULT; SELECT name FROM users WHERE user_id = 5",
     ] {
         assert_eq!(r.plan(sql).expect("plans").statements.len(), 2, "{sql}");
-        assert!(r.point_query(sql).is_none(), "{sql}");
+        assert!(r.point_query(sql.as_bytes()).is_none(), "{sql}");
     }
 }
 
