@@ -41,6 +41,55 @@ async fn checkout_timeout_is_an_error_not_a_hang() {
     r.stop().await;
 }
 
+/// Waits end by one timer per pool (`watch` in src/backend/pool.rs): each waiter still
+/// gets its own full checkout timeout, never less, and a wait after the pool had no one
+/// waiting times out too. (Lower bounds only: a slow machine cannot break them.)
+#[tokio::test]
+async fn each_waiter_gets_its_own_full_checkout_timeout() {
+    let timeout = Duration::from_millis(800);
+    let r = small_router(timeout).await;
+    let holder = common::connect(&r).await;
+    holder
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("begin");
+    let wait_once = |c: tokio_postgres::Client| async move {
+        let started = std::time::Instant::now();
+        let res = tokio::time::timeout(Duration::from_secs(20), c.simple_query("SELECT 2"))
+            .await
+            .expect("the waiting client gets an answer, not a hang");
+        common::expect_sqlstate(res, "53300", "checkout beyond pool.checkout_timeout_ms");
+        (started.elapsed(), c)
+    };
+    // Two waiters, the second joining halfway through the first one's wait.
+    let first = tokio::spawn(wait_once(common::connect(&r).await));
+    tokio::time::sleep(timeout / 2).await;
+    let second = tokio::spawn(wait_once(common::connect(&r).await));
+    let (waited_first, _) = first.await.expect("first waiter");
+    let (waited_second, c) = second.await.expect("second waiter");
+    assert!(
+        waited_first >= timeout,
+        "first waiter gave up after {waited_first:?}"
+    );
+    assert!(
+        waited_second >= timeout,
+        "second waiter gave up after {waited_second:?}"
+    );
+    // Nobody waits now; the next wait is timed all the same.
+    let (waited_again, c) = wait_once(c).await;
+    assert!(
+        waited_again >= timeout,
+        "a later wait gave up after {waited_again:?}"
+    );
+    holder.batch_execute("COMMIT").await.expect("commit");
+    let rows = c
+        .simple_query("SELECT 3")
+        .await
+        .expect("served after COMMIT");
+    assert_eq!(rows.len(), 3);
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn waiting_clients_are_served_in_arrival_order() {
     let r = small_router(Duration::from_secs(20)).await;

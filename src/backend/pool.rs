@@ -11,7 +11,9 @@
 //! client that opens a connection learns at once why connecting failed (wrong password,
 //! shard down), and the slot passes to the next waiter, which tries for itself; a
 //! waiter that runs out of time is told the last connect failure, if there was one
-//! while it waited.
+//! while it waited. Waits are ended by one timer per pool, not one per waiter: arming a
+//! timer wakes tokio's driver (an eventfd write and an extra epoll_wait), a cost every
+//! wait would pay on a busy pool.
 //!
 //! Connections are closed after 4–5 idle minutes, and after about 30 minutes of life
 //! (as bb8 did), so a backend's caches and memory are renewed now and then.
@@ -67,11 +69,16 @@ enum Grant {
     Conn(Pooled),
     /// A slot to open a new connection in (one was dropped); already counted in `open`.
     Open,
+    /// Nothing: the checkout timeout passed first (sent by `watch`).
+    Expired,
 }
 
 struct Waiter {
     id: u64,
     tx: oneshot::Sender<Grant>,
+    /// When its checkout timeout ends. Waiters queue in arrival order and all wait as
+    /// long, so the first in line is always the first to run out of time.
+    deadline: Instant,
 }
 
 struct State {
@@ -81,6 +88,8 @@ struct State {
     open: u32,
     /// Checkouts waiting, in arrival order.
     waiters: VecDeque<Waiter>,
+    /// A `watch` task is ending waits that run out of time.
+    watched: bool,
     next_waiter: u64,
     /// The reaper's tick count.
     tick: u64,
@@ -253,7 +262,8 @@ impl ShardPool {
         }
     }
 
-    /// Wait in line (up to the checkout timeout) for a connection or a slot.
+    /// Wait in line (until `watch` says the checkout timeout is over) for a connection or
+    /// a slot.
     async fn wait(
         self: Arc<Self>,
         id: u64,
@@ -266,16 +276,15 @@ impl ShardPool {
             rx,
             done: false,
         };
-        let grant = match tokio::time::timeout(self.checkout_timeout, &mut queued.rx).await {
-            Ok(Ok(g)) => Some(g),
-            Ok(Err(_)) => {
+        let grant = match (&mut queued.rx).await {
+            Ok(Grant::Expired) => None,
+            Ok(g) => Some(g),
+            Err(_) => {
                 return Err(BackendError::Connect {
                     shard: self.shard.name.clone(),
                     reason: "the pool was closed".into(),
                 })
             }
-            // Out of time: leave the line, unless a grant came at the last moment.
-            Err(_) => queued.leave(),
         };
         queued.done = true;
         drop(queued);
@@ -291,7 +300,7 @@ impl ShardPool {
                     .min(left.max(Duration::from_millis(100)));
                 slot.open(timeout).await
             }
-            None => {
+            Some(Grant::Expired) | None => {
                 // Out of time: if connecting failed meanwhile, that is the reason.
                 let failed = self.lock().last_failure.clone();
                 Err(match failed {
@@ -363,7 +372,7 @@ impl Drop for Queued<'_> {
             Some(Grant::Open) => {
                 self.pool.free_slots(&mut self.pool.lock(), 1);
             }
-            None => {}
+            Some(Grant::Expired) | None => {}
         }
     }
 }
@@ -391,6 +400,7 @@ impl Pools {
                         idle: Vec::new(),
                         open: 0,
                         waiters: VecDeque::new(),
+                        watched: false,
                         next_waiter: 0,
                         tick: 0,
                         last_failure: None,
@@ -452,7 +462,11 @@ impl Pools {
                 let (tx, rx) = oneshot::channel();
                 let id = st.next_waiter;
                 st.next_waiter += 1;
-                st.waiters.push_back(Waiter { id, tx });
+                let deadline = Instant::now() + sp.checkout_timeout;
+                st.waiters.push_back(Waiter { id, tx, deadline });
+                if !std::mem::replace(&mut st.watched, true) {
+                    tokio::spawn(watch(Arc::downgrade(sp)));
+                }
                 Some((id, rx))
             }
         };
@@ -470,6 +484,36 @@ impl Pools {
             let st = s.lock();
             (st.open, st.idle.len() as u32)
         })
+    }
+}
+
+/// End the waits of `pool` that run out of time, for as long as anyone waits, then stop
+/// (the next waiter starts another).
+async fn watch(pool: Weak<ShardPool>) {
+    loop {
+        let next = {
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            let mut st = pool.lock();
+            let now = Instant::now();
+            while let Some(w) = st.waiters.pop_front() {
+                if w.deadline > now {
+                    st.waiters.push_front(w);
+                    break;
+                }
+                // A waiter whose client left meanwhile is gone: nothing to tell.
+                let _ = w.tx.send(Grant::Expired);
+            }
+            match st.waiters.front() {
+                Some(w) => w.deadline,
+                None => {
+                    st.watched = false;
+                    return;
+                }
+            }
+        };
+        tokio::time::sleep_until(next.into()).await;
     }
 }
 
