@@ -462,7 +462,7 @@ impl Pools {
                 let (tx, rx) = oneshot::channel();
                 let id = st.next_waiter;
                 st.next_waiter += 1;
-                let deadline = Instant::now() + sp.checkout_timeout;
+                let deadline = deadline_after(sp.checkout_timeout);
                 st.waiters.push_back(Waiter { id, tx, deadline });
                 if !std::mem::replace(&mut st.watched, true) {
                     tokio::spawn(watch(Arc::downgrade(sp)));
@@ -485,6 +485,14 @@ impl Pools {
             (st.open, st.idle.len() as u32)
         })
     }
+}
+
+/// `timeout` from now; a timeout too long for the clock (the config does not bound it)
+/// waits about thirty years.
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
 }
 
 /// End the waits of `pool` that run out of time, for as long as anyone waits, then stop
@@ -529,5 +537,18 @@ async fn reaper(pools: Weak<Pools>) {
         for sp in &pools.shards {
             sp.reap();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkout_timeout_too_long_for_the_clock_does_not_overflow() {
+        let far = deadline_after(Duration::MAX);
+        assert!(far > Instant::now() + Duration::from_secs(20 * 365 * 86_400));
+        let near = deadline_after(Duration::from_millis(5));
+        assert!(near <= Instant::now() + Duration::from_millis(5));
     }
 }
