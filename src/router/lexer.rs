@@ -80,8 +80,10 @@ pub(crate) fn normalize(sql: &str) -> Option<Normalized> {
 /// It works on bytes, so that a query string can be looked up before it is checked
 /// for UTF-8: the key of a text that is not UTF-8 has no UTF-8 text's key, since every
 /// byte outside literals is kept and literals that become markers are ASCII numbers and
-/// `'...'` strings (a caller that relies on this must check the strings itself). A NUL
-/// byte declines, as PostgreSQL refuses it in a query string.
+/// `'...'` strings (a caller that relies on this must check the strings itself). For
+/// the same reason a NUL byte, which PostgreSQL refuses in a query string, never gives a
+/// checked text's key: outside quotes and comments it declines, inside them it stays in
+/// the key.
 pub(crate) fn normalize_into(sql: &[u8], key: &mut Vec<u8>, lits: &mut Vec<LitSpan>) -> bool {
     key.clear();
     lits.clear();

@@ -935,6 +935,34 @@ fn point_literal_binds_only_a_lone_integer_key_literal_of_a_select() {
     }
 }
 
+/// `point_query` takes a Query's bytes before they are checked (see `normalize_into`):
+/// only bytes that a checked text with the same shape has can match, so a text that is
+/// not UTF-8 or holds a NUL always goes the long way (where PostgreSQL's errors are).
+#[test]
+fn point_query_matches_no_text_that_is_not_utf8_or_holds_a_nul() {
+    let r = router();
+    let sql = "SELECT name FROM users WHERE user_id = 42 /* cafe */";
+    r.plan(sql).expect("plans");
+    let hit = |b: &[u8]| r.point_query(b).map(|p| p.value.to_owned());
+    assert_eq!(hit(sql.as_bytes()), Some("42".into()));
+    assert_eq!(
+        hit(b"SELECT name FROM users WHERE user_id = 7 /* cafe */"),
+        Some("7".into())
+    );
+    for bad in [
+        // Half a character, a lone continuation byte, a byte never in UTF-8.
+        &b"SELECT name FROM users WHERE user_id = 7 /* caf\xc3 */"[..],
+        b"SELECT name FROM users WHERE user_id = 7 /* caf\xa9 */",
+        b"SELECT name FROM users WHERE user_id = 7 /* caf\xff */",
+        // A NUL in the comment, after the literal, and in place of a space.
+        b"SELECT name FROM users WHERE user_id = 7 /* caf\0 */",
+        b"SELECT name FROM users WHERE user_id = 7\0/* cafe */",
+        b"SELECT name FROM users WHERE user_id =\x007 /* cafe */",
+    ] {
+        assert_eq!(hit(bad), None, "{}", String::from_utf8_lossy(bad));
+    }
+}
+
 #[test]
 fn point_literal_keeps_texts_that_read_themselves_or_hold_odd_spaces_as_text() {
     let r = router();
