@@ -171,9 +171,13 @@ impl Raw {
 
     /// A simple query; returns the messages up to ReadyForQuery.
     async fn query(&mut self, sql: &str) -> Vec<Msg> {
-        let mut b = BytesMut::new();
-        frontend::query(sql, &mut b).expect("Q");
-        self.send(&b).await;
+        self.query_bytes(sql.as_bytes()).await
+    }
+
+    /// A simple query of any bytes (NUL-terminated here); the messages up to
+    /// ReadyForQuery.
+    async fn query_bytes(&mut self, sql: &[u8]) -> Vec<Msg> {
+        self.send(&query_message(sql)).await;
         let mut out = Vec::new();
         loop {
             let m = self.recv().await.expect("answer before close");
@@ -184,6 +188,15 @@ impl Raw {
             }
         }
     }
+}
+
+/// A Query message carrying `sql` as it is, NUL-terminated.
+fn query_message(sql: &[u8]) -> Vec<u8> {
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&(sql.len() as i32 + 5).to_be_bytes());
+    q.extend_from_slice(sql);
+    q.push(0);
+    q
 }
 
 /// The router must still serve a normal client.
@@ -476,13 +489,6 @@ async fn query_strings_not_utf8_or_with_a_nul_are_refused_after_their_shape_is_c
         .await
         .expect("seed");
     let text = format!("SELECT name FROM users WHERE user_id = {id}");
-    let query_bytes = |body: &[u8]| {
-        let mut q = vec![b'Q'];
-        q.extend_from_slice(&(body.len() as i32 + 5).to_be_bytes());
-        q.extend_from_slice(body);
-        q.push(0);
-        q
-    };
     let answer = |msgs: &[Msg]| -> Vec<(u8, Option<String>)> {
         msgs.iter()
             .map(|m| (m.tag, (m.tag == b'E').then(|| m.field(b'C')).flatten()))
@@ -508,16 +514,7 @@ async fn query_strings_not_utf8_or_with_a_nul_are_refused_after_their_shape_is_c
             .iter()
             .map(|&b| if b == b'?' { 0xff } else { b })
             .collect::<Vec<u8>>();
-        raw.send(&query_bytes(&body)).await;
-        let mut msgs = Vec::new();
-        loop {
-            let m = raw.recv().await.expect("an answer");
-            let done = m.tag == b'Z';
-            msgs.push(m);
-            if done {
-                break;
-            }
-        }
+        let msgs = raw.query_bytes(&body).await;
         assert_eq!(
             answer(&msgs),
             vec![(b'E', Some("22021".into())), (b'Z', None)],
@@ -537,7 +534,7 @@ async fn query_strings_not_utf8_or_with_a_nul_are_refused_after_their_shape_is_c
         let mut raw = Raw::connect(&r).await;
         raw.login().await;
         raw.query(&text).await;
-        raw.send_lossy(&query_bytes(&[text.as_bytes(), tail].concat()))
+        raw.send_lossy(&query_message(&[text.as_bytes(), tail].concat()))
             .await;
         let msgs = raw.drain().await;
         assert_eq!(msgs.len(), 1, "one FATAL, then close: {msgs:?}");
