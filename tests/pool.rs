@@ -32,13 +32,18 @@ async fn checkout_timeout_is_an_error_not_a_hang() {
         e.message()
     );
     // Once the holder is done, the waiter is served again.
+    served_after_commit(&holder, &waiter).await;
+    r.stop().await;
+}
+
+/// `holder` ends its block; `waiter`, which timed out before, is served now.
+async fn served_after_commit(holder: &tokio_postgres::Client, waiter: &tokio_postgres::Client) {
     holder.batch_execute("COMMIT").await.expect("commit");
     let rows = waiter
         .simple_query("SELECT 3")
         .await
         .expect("served after the holder committed");
     assert_eq!(rows.len(), 3);
-    r.stop().await;
 }
 
 /// Waits end by one timer per pool (`watch` in src/backend/pool.rs): each waiter still
@@ -81,12 +86,7 @@ async fn each_waiter_gets_its_own_full_checkout_timeout() {
         waited_again >= timeout,
         "a later wait gave up after {waited_again:?}"
     );
-    holder.batch_execute("COMMIT").await.expect("commit");
-    let rows = c
-        .simple_query("SELECT 3")
-        .await
-        .expect("served after COMMIT");
-    assert_eq!(rows.len(), 3);
+    served_after_commit(&holder, &c).await;
     r.stop().await;
 }
 
