@@ -179,9 +179,13 @@ pub struct Txn {
 }
 
 impl Txn {
-    /// Follow a savepoint statement that succeeded: the session settings the block
-    /// will keep go back to what they were at the savepoint on ROLLBACK TO.
+    /// Follow a savepoint statement that succeeded: ROLLBACK TO ends the block's
+    /// failed state, and the session settings the block will keep go back to what they
+    /// were at the savepoint.
     fn savepoint_done(&mut self, op: SavepointOp, name: &str) {
+        if op == SavepointOp::RollbackTo {
+            self.failed = false;
+        }
         let at = self.savepoints.iter().rposition(|(n, _)| n == name);
         match (op, at) {
             (SavepointOp::Define, _) => self
@@ -771,9 +775,6 @@ impl Session {
             if let Some(t) = self.txn.as_mut().filter(|t| !t.implicit) {
                 // No shard reached yet: remember it for the shards that join.
                 t.replay.push(text.to_owned());
-                if op == SavepointOp::RollbackTo {
-                    t.failed = false;
-                }
                 t.savepoint_done(op, name);
                 messages::command_complete(&mut self.client.wbuf, savepoint_tag(text));
                 return Ok(true);
@@ -786,9 +787,6 @@ impl Session {
         if let Some(t) = self.txn.as_mut() {
             t.replay.push(text.to_owned());
             if ok {
-                if op == SavepointOp::RollbackTo {
-                    t.failed = false;
-                }
                 t.savepoint_done(op, name);
             }
         }
