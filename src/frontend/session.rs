@@ -64,6 +64,7 @@ pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr
         active,
         pending: Default::default(),
         steps: VecDeque::new(),
+        point_memo: Default::default(),
         statement_uses: Vec::new(),
         schema_touched: false,
         dirty: false,
@@ -246,6 +247,9 @@ pub struct Session {
     /// Answers expected from shards for the statement being relayed (kept between
     /// statements for its allocation).
     pub steps: VecDeque<Step>,
+    /// The last simple-protocol point query, so that the next of its shape is known at
+    /// a glance (`Router::point_query_memo`).
+    pub point_memo: crate::router::PointMemo,
     /// A utility statement was bound in the pending extended-protocol batch: the
     /// schema epoch moves on once the batch has run.
     pub schema_touched: bool,
@@ -511,7 +515,7 @@ impl Session {
         // `Router::point_query`), and a text that does not goes the long way.
         if self.point_queries_open() {
             if let Some((0, text)) = frame[5..].split_last() {
-                if let Some(p) = router.point_query(text) {
+                if let Some(p) = router.point_query_memo(text, &mut self.point_memo) {
                     self.skipping = false;
                     self.run_point(p.shard, &p.bound, p.value, text).await?;
                     return self.ready().await;

@@ -44,11 +44,12 @@ mod tests;
 
 use foldhash::HashMap;
 use std::cell::RefCell;
-use std::sync::{Arc, Mutex};
+use std::ops::Range;
+use std::sync::{Arc, Mutex, Weak};
 
 pub use error::RouteError;
 
-use crate::topology::{ShardId, Topology};
+use crate::topology::{KeyType, KeyValue, ShardId, Topology};
 use lexer::LitSpan;
 use route::LitValue;
 use shape::StmtShape;
@@ -144,13 +145,16 @@ impl BoundForm {
     /// The shard for the literal written `digits`; `None` unless it is an unsigned
     /// integer that fits 32 bits (a literal PostgreSQL types `int4`, the parameter's type).
     fn shard_for(&self, digits: &str, topology: &Topology) -> Option<ShardId> {
-        if digits.is_empty()
-            || !digits.bytes().all(|b| b.is_ascii_digit())
-            || digits.parse::<i32>().is_err()
-        {
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
-        route::number_shard(digits, topology.distributions.get(self.dist)?)
+        let value = digits.parse::<i32>().ok()?;
+        let dist = topology.distributions.get(self.dist)?;
+        match dist.key_type {
+            // What `number_shard` reads the digits as, without reading them again.
+            KeyType::Int | KeyType::Bigint => dist.shard_for(&KeyValue::Int(value.into())).ok(),
+            _ => route::number_shard(digits, dist),
+        }
     }
 }
 
@@ -161,6 +165,45 @@ pub struct PointQuery<'s> {
     pub bound: Arc<BoundForm>,
     /// The literal's digits (the parameter's text value), within the query string.
     pub value: &'s str,
+}
+
+/// A session's last point query, for `Router::point_query_memo`: most sessions send
+/// the same few statements again and again with other values.
+#[derive(Default)]
+pub struct PointMemo {
+    /// The router that found it; a `Weak`, so that no later router can have its address.
+    router: Weak<Router>,
+    text: Vec<u8>,
+    /// Where the literal is in `text`: ASCII digits only.
+    digits: Range<usize>,
+    bound: Option<Arc<BoundForm>>,
+}
+
+impl PointMemo {
+    /// Where `sql` has other digits in place of the memo's literal, when it is the
+    /// memo's text with only those changed.
+    ///
+    /// Such a text has the memo text's key. The lexer reads left to right, looking at
+    /// most a byte or two ahead, and what it looks ahead for at a digit is only whether
+    /// it is one. So over the same bytes before the literal it is in the same state
+    /// where the literal starts, and a number starts there. The number ends where the
+    /// memo's did: the byte after it, which is the same, did not continue the memo's
+    /// number (all digits, so no exponent either). From there the bytes are the same
+    /// again. Every byte of it is also the memo text's but the digits, so it is UTF-8
+    /// and holds no NUL, as the memo text.
+    fn digits_of(&self, sql: &[u8]) -> Option<Range<usize>> {
+        let prefix = self.text.get(..self.digits.start)?;
+        let suffix = self.text.get(self.digits.end..)?;
+        let end = sql.len().checked_sub(suffix.len())?;
+        if end <= prefix.len() || !sql.starts_with(prefix) || !sql.ends_with(suffix) {
+            return None;
+        }
+        let digits = prefix.len()..end;
+        sql[digits.clone()]
+            .iter()
+            .all(u8::is_ascii_digit)
+            .then_some(digits)
+    }
 }
 
 /// The type of `BoundForm`'s parameter: `int4`, the type PostgreSQL gives an integer
@@ -335,6 +378,54 @@ impl Router {
     /// and `point_literal`, for a fraction of the work (no plan is built): the proxy
     /// tries it first on every simple-protocol query.
     pub fn point_query<'s>(&self, sql: &'s [u8]) -> Option<PointQuery<'s>> {
+        let (shard, bound, digits) = self.point_span(sql)?;
+        let value = std::str::from_utf8(&sql[digits]).ok()?;
+        Some(PointQuery {
+            shard,
+            bound,
+            value,
+        })
+    }
+
+    /// `point_query`, first trying the session's last point query: a text that is
+    /// `memo`'s with other digits in place of its literal has its key (see
+    /// `PointMemo::digits_of`), so it is known without lexing it or looking it up.
+    /// A text found the long way becomes the memo.
+    pub fn point_query_memo<'s>(
+        self: &Arc<Self>,
+        sql: &'s [u8],
+        memo: &mut PointMemo,
+    ) -> Option<PointQuery<'s>> {
+        // A memo made by another router (another topology) is not this one's.
+        if std::ptr::eq(memo.router.as_ptr(), Arc::as_ptr(self)) {
+            if let Some((bound, digits)) = memo.bound.as_ref().zip(memo.digits_of(sql)) {
+                // ASCII digits; as `point_query`, a value `shard_for` refuses is none.
+                let value = std::str::from_utf8(&sql[digits]).ok()?;
+                let shard = bound.shard_for(value, &self.topology)?;
+                return Some(PointQuery {
+                    shard,
+                    bound: Arc::clone(bound),
+                    value,
+                });
+            }
+        }
+        let (shard, bound, digits) = self.point_span(sql)?;
+        memo.router = Arc::downgrade(self);
+        memo.text.clear();
+        memo.text.extend_from_slice(sql);
+        memo.digits = digits.clone();
+        memo.bound = Some(Arc::clone(&bound));
+        let value = std::str::from_utf8(&sql[digits]).ok()?;
+        Some(PointQuery {
+            shard,
+            bound,
+            value,
+        })
+    }
+
+    /// `point_query`'s work: the shard, the statement and where the literal's digits
+    /// (all ASCII, as `shard_for` requires) are in `sql`.
+    fn point_span(&self, sql: &[u8]) -> Option<(ShardId, Arc<BoundForm>, Range<usize>)> {
         let version = self.topology.version;
         SCRATCH.with(|scratch| {
             let (key, spans) = &mut *scratch.borrow_mut();
@@ -357,11 +448,7 @@ impl Router {
             }
             let value = std::str::from_utf8(sql.get(lit.start..lit.end)?).ok()?;
             let shard = bound.shard_for(value, &self.topology)?;
-            Some(PointQuery {
-                shard,
-                bound: Arc::clone(bound),
-                value,
-            })
+            Some((shard, Arc::clone(bound), lit.start..lit.end))
         })
     }
 

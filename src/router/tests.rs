@@ -935,6 +935,36 @@ fn point_literal_binds_only_a_lone_integer_key_literal_of_a_select() {
     }
 }
 
+/// The point path's shard is the one routing the statement gives, for every key type a
+/// number literal can pin (`BoundForm::shard_for` reads int keys itself).
+#[test]
+fn point_literal_routes_as_the_statement_does_for_every_key_type() {
+    let r = router();
+    let topo = topology();
+    let mut bound = 0;
+    for (table, column) in [
+        ("users", "user_id"),
+        ("accounts", "account_id"),
+        ("tenants", "name"),
+        ("devices", "device_id"),
+    ] {
+        for value in ["0", "7", "007", "999", "1000", "2999", "3000", "2147483647"] {
+            let sql = format!("SELECT * FROM {table} WHERE {column} = {value}");
+            let plan = r.plan(&sql).expect("plans");
+            let stmt = &plan.statements[0];
+            let Some((shard, _, v)) = stmt.point_literal(&topo) else {
+                continue;
+            };
+            bound += 1;
+            assert_eq!(v, value);
+            let routed = stmt.route(&topo, &[]).expect("routes");
+            assert_eq!(routed.route, Route::Shard(shard), "{sql}");
+        }
+    }
+    // users, accounts and tenants (the digits as text) bind; a uuid has no number.
+    assert_eq!(bound, 24);
+}
+
 /// `point_query` takes a Query's bytes before they are checked (see `normalize_into`):
 /// only bytes that a checked text with the same shape has can match, so a text that is
 /// not UTF-8 or holds a NUL always goes the long way (where PostgreSQL's errors are).
@@ -961,6 +991,116 @@ fn point_query_matches_no_text_that_is_not_utf8_or_holds_a_nul() {
     ] {
         assert_eq!(hit(bad), None, "{}", String::from_utf8_lossy(bad));
     }
+}
+
+/// `point_query_memo` answers every text as `point_query` does, whatever the memo
+/// holds: texts of the memo's shape with other literals, texts that differ from it
+/// anywhere else, and texts no checked text has the key of.
+#[test]
+fn point_query_memo_answers_as_point_query_does() {
+    let r = Arc::new(router());
+    let shapes = [
+        "SELECT name FROM users WHERE user_id = 42",
+        "SELECT name FROM users WHERE user_id = 42;",
+        "  select * from users u where u.user_id=7 for update ",
+        "SELECT name FROM users WHERE user_id = 42 /* cafe */",
+        "SELECT name FROM users WHERE user_id = 42 -- c\n",
+        "SELECT name FROM users WHERE user_id = 42 ORDER BY name",
+        // Not a point query: the memo stays as it was.
+        "SELECT name FROM users WHERE user_id > 42",
+    ];
+    let mut texts: Vec<Vec<u8>> = Vec::new();
+    for shape in shapes {
+        r.plan(shape).expect("plans");
+        let norm = lexer::normalize(shape).expect("lexes");
+        let lit = norm.lits[0];
+        let (prefix, suffix) = (&shape.as_bytes()[..lit.start], &shape.as_bytes()[lit.end..]);
+        let with = |pre: &[u8], lit: &[u8], suf: &[u8]| [pre, lit, suf].concat();
+        for lit in [
+            &b"5"[..],
+            b"2147483647",
+            b"2147483648",
+            b"99999999999999999999",
+            b"007",
+            b"0",
+            b"",
+            b"4a",
+            b"4.5",
+            b".5",
+            b"4e3",
+            b"4e+3",
+            b"-4",
+            b"4 ",
+            b" 4",
+            b"$1",
+            b"'4'",
+            b"4\0",
+            b"\xff",
+        ] {
+            texts.push(with(prefix, lit, suffix));
+        }
+        // The same literal, other bytes around it.
+        for (pre, suf) in [
+            (&prefix[1..], suffix),
+            (prefix, &suffix[suffix.len().min(1)..]),
+            (&prefix[..prefix.len() - 1], suffix),
+        ] {
+            texts.push(with(pre, b"43", suf));
+        }
+        texts.push(with(prefix, b"43", &[suffix, b"x"].concat()));
+        texts.push(with(prefix, b"43", &[suffix, b"\0"].concat()));
+        texts.push(with(prefix, b"43", &[suffix, b" OR user_id = 5"].concat()));
+        texts.push(with(&[b"\xff", prefix].concat(), b"43", suffix));
+    }
+    let long = |sql: &[u8]| {
+        r.point_query(sql)
+            .map(|p| (p.shard, p.bound.sql.clone(), p.value.to_owned()))
+    };
+    let mut hits = 0;
+    for first in &texts {
+        for then in &texts {
+            let mut memo = PointMemo::default();
+            let seen = r
+                .point_query_memo(first, &mut memo)
+                .map(|p| p.value.to_owned());
+            assert_eq!(seen, long(first).map(|p| p.2));
+            let got = r
+                .point_query_memo(then, &mut memo)
+                .map(|p| (p.shard, p.bound.sql.clone(), p.value.to_owned()));
+            let want = long(then);
+            hits += usize::from(want.is_some());
+            assert_eq!(
+                got,
+                want,
+                "after {:?}: {:?}",
+                String::from_utf8_lossy(first),
+                String::from_utf8_lossy(then)
+            );
+        }
+    }
+    assert!(hits > 1000, "{hits} point queries among the pairs");
+}
+
+/// The memo answers on its own (the cache emptied, it still knows the shape), and only
+/// for the router that made it.
+#[test]
+fn point_query_memo_is_used_and_only_by_its_router() {
+    let sql = b"SELECT name FROM users WHERE user_id = 42";
+    let (a, b) = (Arc::new(router()), Arc::new(router()));
+    for r in [&a, &b] {
+        r.plan("SELECT name FROM users WHERE user_id = 1")
+            .expect("plans");
+    }
+    let mut memo = PointMemo::default();
+    assert!(a.point_query_memo(sql, &mut memo).is_some());
+    a.with_cache(0, |_| {}); // another version: the cache is emptied
+    assert!(a.point_query(sql).is_none(), "the cache was emptied");
+    let p = a
+        .point_query_memo(b"SELECT name FROM users WHERE user_id = 9", &mut memo)
+        .expect("known by the memo");
+    assert_eq!(p.value, "9");
+    b.with_cache(0, |_| {}); // (b's too: only the memo could answer)
+    assert!(b.point_query_memo(sql, &mut memo).is_none(), "a's memo");
 }
 
 #[test]
