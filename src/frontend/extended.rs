@@ -1333,7 +1333,7 @@ impl Session {
         &mut self,
         shard: ShardId,
         bound: &crate::router::BoundForm,
-        value: &str,
+        value: &[u8],
         text: &[u8],
     ) -> Result<bool, SessionError> {
         if let Err(e) = self.conn_for(shard).await {
@@ -1383,17 +1383,15 @@ impl Session {
             server_step(&mut steps, StepKind::Parse, false);
             conn.prepared.insert(key);
         }
-        messages::bind_one_text(&mut conn.wbuf, "", name.as_bytes(), value.as_bytes());
+        messages::bind_one_text(&mut conn.wbuf, "", name.as_bytes(), value);
         // The answers up to here are the kept statement's, not the query's: an error
         // among them is the statement's, and the query runs as text instead.
         let before_run = server_step(&mut steps, StepKind::Bind, false);
         // A SELECT's portal always has a RowDescription, which the simple protocol sends
         // before the rows.
-        messages::target(&mut conn.wbuf, b'D', b'P', "");
+        messages::describe_execute_sync_unnamed(&mut conn.wbuf);
         server_step(&mut steps, StepKind::DescribePortal, true);
-        messages::execute(&mut conn.wbuf, "", 0);
         server_step(&mut steps, StepKind::Execute, true);
-        messages::empty_message(&mut conn.wbuf, b'S');
         server_step(&mut steps, StepKind::Sync, false);
         let mark = self.client.mark();
         self.client.hold_first_error = true;

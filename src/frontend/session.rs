@@ -887,7 +887,9 @@ impl Session {
         // A point SELECT outside a block: the shard parses it once per connection.
         if self.point_queries_open() {
             if let Some((shard, bound, value)) = stmt.point_literal(router.topology()) {
-                return self.run_point(shard, bound, value, text.as_bytes()).await;
+                return self
+                    .run_point(shard, bound, value.as_bytes(), text.as_bytes())
+                    .await;
             }
         }
         let routed = match stmt.route_quiet(router.topology(), &[]) {

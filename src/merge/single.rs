@@ -24,7 +24,12 @@ pub async fn relay_single(
         let Some(Step::Server { kind, forward }) = steps.front().cloned() else {
             return Ok(out);
         };
-        let n = super::next_frame_len(conn, client).await?;
+        // A frame already in the buffer is taken without the wait's machinery: most
+        // answers arrive in one read.
+        let n = match conn.buffered_frame()? {
+            Some(n) => n,
+            None => super::next_frame_len(conn, client).await?,
+        };
         let tag = conn.frame(n)[0];
         // Most frames are copied to the client straight from the shard's buffer.
         match tag {

@@ -369,6 +369,17 @@ pub fn bind_one_text(buf: &mut BytesMut, portal: &str, statement: &[u8], value: 
     finish(buf, at);
 }
 
+/// Describe, Execute (no row limit) and Sync of the unnamed portal: the end of every
+/// kept point query, as one copy of constant bytes.
+pub fn describe_execute_sync_unnamed(buf: &mut BytesMut) {
+    const TAIL: [u8; 22] = [
+        b'D', 0, 0, 0, 6, b'P', 0, // Describe portal ""
+        b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0, // Execute "" 0
+        b'S', 0, 0, 0, 4, // Sync
+    ];
+    buf.extend_from_slice(&TAIL);
+}
+
 /// Frontend Describe / Close.
 pub fn target(buf: &mut BytesMut, tag: u8, kind: u8, name: &str) {
     let at = begin(buf, tag);
@@ -421,6 +432,17 @@ pub fn raw(tag: u8, body: &[u8]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_constant_point_tail_is_describe_execute_sync_of_the_unnamed_portal() {
+        let mut built = BytesMut::new();
+        target(&mut built, b'D', b'P', "");
+        execute(&mut built, "", 0);
+        empty_message(&mut built, b'S');
+        let mut tail = BytesMut::new();
+        describe_execute_sync_unnamed(&mut tail);
+        assert_eq!(tail, built);
+    }
 
     fn bind_body(stmt: &str, formats: &[i16], params: &[Option<&[u8]>]) -> BytesMut {
         let mut b = BytesMut::new();

@@ -144,18 +144,27 @@ pub struct BoundForm {
 impl BoundForm {
     /// The shard for the literal written `digits`; `None` unless it is an unsigned
     /// integer that fits 32 bits (a literal PostgreSQL types `int4`, the parameter's type).
-    fn shard_for(&self, digits: &str, topology: &Topology) -> Option<ShardId> {
-        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let value = digits.parse::<i32>().ok()?;
+    fn shard_for(&self, digits: &[u8], topology: &Topology) -> Option<ShardId> {
+        let value = int4_digits(digits)?;
         let dist = topology.distributions.get(self.dist)?;
         match dist.key_type {
             // What `number_shard` reads the digits as, without reading them again.
             KeyType::Int | KeyType::Bigint => dist.shard_for(&KeyValue::Int(value.into())).ok(),
-            _ => route::number_shard(digits, dist),
+            _ => route::number_shard(std::str::from_utf8(digits).ok()?, dist),
         }
     }
+}
+
+/// The value of `digits` when they are one or more ASCII digits whose number fits
+/// `int4` (what `str::parse::<i32>` gives for them, without a UTF-8 check first).
+fn int4_digits(digits: &[u8]) -> Option<i32> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0i32, |v, &b| {
+        let d = b.is_ascii_digit().then(|| i32::from(b - b'0'))?;
+        v.checked_mul(10)?.checked_add(d)
+    })
 }
 
 /// A simple-protocol point SELECT found by `Router::point_query`: what `plan` and then
@@ -163,8 +172,8 @@ impl BoundForm {
 pub struct PointQuery<'s> {
     pub shard: ShardId,
     pub bound: Arc<BoundForm>,
-    /// The literal's digits (the parameter's text value), within the query string.
-    pub value: &'s str,
+    /// The literal's digits (the parameter's text value, ASCII), within the query string.
+    pub value: &'s [u8],
 }
 
 /// A session's last point query, for `Router::point_query_memo`: most sessions send
@@ -337,7 +346,7 @@ impl StatementPlan {
         if lit.string {
             return None;
         }
-        let shard = bound.shard_for(&lit.text, topology)?;
+        let shard = bound.shard_for(lit.text.as_bytes(), topology)?;
         Some((shard, bound, lit.text.as_str()))
     }
 
@@ -379,7 +388,7 @@ impl Router {
     /// tries it first on every simple-protocol query.
     pub fn point_query<'s>(&self, sql: &'s [u8]) -> Option<PointQuery<'s>> {
         let (shard, bound, digits) = self.point_span(sql)?;
-        let value = std::str::from_utf8(&sql[digits]).ok()?;
+        let value = &sql[digits];
         Some(PointQuery {
             shard,
             bound,
@@ -399,8 +408,8 @@ impl Router {
         // A memo made by another router (another topology) is not this one's.
         if std::ptr::eq(memo.router.as_ptr(), Arc::as_ptr(self)) {
             if let Some((bound, digits)) = memo.bound.as_ref().zip(memo.digits_of(sql)) {
-                // ASCII digits; as `point_query`, a value `shard_for` refuses is none.
-                let value = std::str::from_utf8(&sql[digits]).ok()?;
+                // As `point_query`, a value `shard_for` refuses is none.
+                let value = &sql[digits];
                 let shard = bound.shard_for(value, &self.topology)?;
                 return Some(PointQuery {
                     shard,
@@ -415,7 +424,7 @@ impl Router {
         memo.text.extend_from_slice(sql);
         memo.digits = digits.clone();
         memo.bound = Some(Arc::clone(&bound));
-        let value = std::str::from_utf8(&sql[digits]).ok()?;
+        let value = &sql[digits];
         Some(PointQuery {
             shard,
             bound,
@@ -446,8 +455,7 @@ impl Router {
             if stmt.session_effects {
                 return None;
             }
-            let value = std::str::from_utf8(sql.get(lit.start..lit.end)?).ok()?;
-            let shard = bound.shard_for(value, &self.topology)?;
+            let shard = bound.shard_for(sql.get(lit.start..lit.end)?, &self.topology)?;
             Some((shard, Arc::clone(bound), lit.start..lit.end))
         })
     }
