@@ -287,6 +287,19 @@ impl ServerConn {
         &self.rbuf[..n]
     }
 
+    /// The bytes received and not yet consumed.
+    pub fn buffered(&self) -> &[u8] {
+        &self.rbuf
+    }
+
+    /// Drop the first `n` buffered bytes: whole answers, the last of them a
+    /// ReadyForQuery with transaction status `status`.
+    pub fn answered(&mut self, status: u8, n: usize) {
+        self.status = status;
+        self.in_flight = false;
+        self.rbuf.advance(n);
+    }
+
     /// Drop the first `n` buffered bytes (a frame read with `frame`).
     pub fn consume(&mut self, n: usize) {
         self.rbuf.advance(n);

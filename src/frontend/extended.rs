@@ -21,7 +21,7 @@ use super::session::{
     ends_failed_block, flush_all, route_error, write_to, Session, SessionError, StmtError,
 };
 use crate::merge::{
-    relay_multi, relay_single, Combine, RelayError, StatementShape, Step, StepKind,
+    relay_multi, relay_point, relay_single, Combine, RelayError, StatementShape, Step, StepKind,
 };
 use crate::protocol::messages::{self, MalformedMessage};
 use crate::protocol::{sqlstate, PgError};
@@ -1363,14 +1363,13 @@ impl Session {
         }
         let mut steps = std::mem::take(&mut self.steps);
         steps.clear();
-        let server_step = |steps: &mut VecDeque<Step>, kind, forward| {
-            steps.push_back(Step::Server { kind, forward });
-            steps.len() - 1
-        };
         for hash in std::mem::take(&mut conn.stale) {
             let name = ServerName::new(Some(hash));
             messages::target(&mut conn.wbuf, b'C', b'S', name.as_str());
-            server_step(&mut steps, StepKind::Close, false);
+            steps.push_back(Step::Server {
+                kind: StepKind::Close,
+                forward: false,
+            });
         }
         let name = ServerName::new(Some(key));
         if create {
@@ -1380,23 +1379,24 @@ impl Session {
                 &bound.sql,
                 &[crate::router::INT4_OID],
             );
-            server_step(&mut steps, StepKind::Parse, false);
+            steps.push_back(Step::Server {
+                kind: StepKind::Parse,
+                forward: false,
+            });
             conn.prepared.insert(key);
         }
         messages::bind_one_text(&mut conn.wbuf, "", name.as_bytes(), value);
-        // The answers up to here are the kept statement's, not the query's: an error
-        // among them is the statement's, and the query runs as text instead.
-        let before_run = server_step(&mut steps, StepKind::Bind, false);
+        // The answers up to the Bind's are the kept statement's, not the query's: an
+        // error among them is the statement's, and the query runs as text instead.
+        // (`relay_point` queues the steps of the Bind and what follows it.)
+        let before_run = steps.len();
         // A SELECT's portal always has a RowDescription, which the simple protocol sends
         // before the rows.
         messages::describe_execute_sync_unnamed(&mut conn.wbuf);
-        server_step(&mut steps, StepKind::DescribePortal, true);
-        server_step(&mut steps, StepKind::Execute, true);
-        server_step(&mut steps, StepKind::Sync, false);
         let mark = self.client.mark();
         self.client.hold_first_error = true;
         let result = match conn.flush().await {
-            Ok(()) => relay_single(conn, &mut self.client, &mut steps).await,
+            Ok(()) => relay_point(conn, &mut self.client, &mut steps).await,
             Err(e) => Err(RelayError::Backend(e)),
         };
         self.client.hold_first_error = false;

@@ -13,7 +13,7 @@ mod single;
 use bytes::Bytes;
 
 pub use multi::relay_multi;
-pub use single::relay_single;
+pub use single::{relay_point, relay_single};
 
 use crate::backend::BackendError;
 use crate::frontend::client::ClientError;

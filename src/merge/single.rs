@@ -98,6 +98,91 @@ pub async fn relay_single(
     }
 }
 
+/// `relay_single` for the answer to a kept point query: Bind, Describe portal, Execute
+/// and Sync, after the answers to `steps` (Close and Parse of kept statements), whose
+/// steps this queues. When there are none and the usual answer (BindComplete,
+/// RowDescription, DataRows, CommandComplete, ReadyForQuery) is whole in the buffer, as
+/// it mostly is after one read, it goes to the client as one copy; any other answer (an
+/// error, a notice, a part still on its way) is relayed frame by frame.
+/// Cancel-safety: not cancel-safe, as `relay_single`.
+pub async fn relay_point(
+    conn: &mut ServerConn,
+    client: &mut ClientConn,
+    steps: &mut VecDeque<Step>,
+) -> Result<Outcome, RelayError> {
+    use super::StepKind::{Bind, DescribePortal, Execute, Sync};
+    if steps.is_empty() {
+        if conn.buffered_frame()?.is_none() {
+            super::next_frame_len(conn, client).await?;
+        }
+        if let Some(answer) = point_answer(conn.buffered()) {
+            client
+                .wbuf
+                .extend_from_slice(&conn.buffered()[answer.forward]);
+            conn.answered(answer.status, answer.len);
+            return Ok(Outcome::default());
+        }
+    }
+    for (kind, forward) in [
+        (Bind, false),
+        (DescribePortal, true),
+        (Execute, true),
+        (Sync, false),
+    ] {
+        steps.push_back(Step::Server { kind, forward });
+    }
+    relay_single(conn, client, steps).await
+}
+
+/// Where a point query's usual answer is in `buf`, when all of it is there.
+struct PointAnswer {
+    /// RowDescription to CommandComplete: what the client gets.
+    forward: std::ops::Range<usize>,
+    /// Its ReadyForQuery's transaction status.
+    status: u8,
+    /// Through the ReadyForQuery.
+    len: usize,
+}
+
+/// `buf` starts with BindComplete, RowDescription, any DataRows, CommandComplete and
+/// ReadyForQuery, each whole (and of a length PostgreSQL gives them).
+fn point_answer(buf: &[u8]) -> Option<PointAnswer> {
+    // The tag and length of the frame at `at`, when it is whole.
+    let frame = |at: usize| -> Option<(u8, usize)> {
+        let head = buf.get(at..at + 5)?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        (len >= 4 && buf.len() - at > len).then_some((head[0], len + 1))
+    };
+    let mut at = match frame(0)? {
+        (b'2', 5) => 5,
+        _ => return None,
+    };
+    let start = at;
+    match frame(at)? {
+        (b'T', n) => at += n,
+        _ => return None,
+    }
+    loop {
+        match frame(at)? {
+            (b'D', n) => at += n,
+            (b'C', n) => {
+                at += n;
+                break;
+            }
+            _ => return None,
+        }
+    }
+    let forward = start..at;
+    match frame(at)? {
+        (b'Z', 6) => Some(PointAnswer {
+            forward,
+            status: buf[at + 5],
+            len: at + 6,
+        }),
+        _ => None,
+    }
+}
+
 /// Pump CopyData from the client to the shard until CopyDone or CopyFail. A COPY started
 /// by Execute (extended protocol) ignored the Sync sent after it, as PostgreSQL does
 /// during COPY; the Sync the client sends after CopyDone is the one that ends it.
@@ -142,5 +227,83 @@ async fn copy_in(
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::point_answer;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut f = vec![tag];
+        f.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        f.extend_from_slice(body);
+        f
+    }
+
+    #[test]
+    fn a_point_answer_is_found_whole_or_not_at_all() {
+        let bind = frame(b'2', b"");
+        let desc = frame(
+            b'T',
+            b"\0\x01abalance\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0",
+        );
+        let row = frame(b'D', b"\0\x01\0\0\0\x010");
+        let done = frame(b'C', b"SELECT 1\0");
+        let ready = frame(b'Z', b"I");
+        let answer = |parts: &[&Vec<u8>]| {
+            parts
+                .iter()
+                .flat_map(|p| p.iter().copied())
+                .collect::<Vec<u8>>()
+        };
+
+        for rows in [0, 1, 3] {
+            let mut parts = vec![&bind, &desc];
+            parts.extend(std::iter::repeat_n(&row, rows));
+            parts.extend([&done, &ready]);
+            let mut buf = answer(&parts);
+            let whole = buf.len();
+            // What follows the ReadyForQuery (never sent unasked, but not ours) stays.
+            buf.extend_from_slice(&frame(b'N', b"Sx\0\0"));
+            let a = point_answer(&buf).expect("the usual answer");
+            assert_eq!(a.len, whole);
+            assert_eq!(a.status, b'I');
+            assert_eq!(&buf[a.forward], &answer(&parts[1..parts.len() - 1])[..]);
+            // Any part of it missing: not yet.
+            for cut in 0..whole {
+                assert!(
+                    point_answer(&buf[..cut]).is_none(),
+                    "{rows} rows cut at {cut}"
+                );
+            }
+        }
+        let in_block = frame(b'Z', b"T");
+        let a = point_answer(&answer(&[&bind, &desc, &row, &done, &in_block])).expect("in a block");
+        assert_eq!(a.status, b'T');
+        // Anything else is left to the frame-by-frame relay.
+        let error = frame(b'E', b"SERROR\0C42P01\0Mno\0\0");
+        let notice = frame(b'N', b"SNOTICE\0Mhm\0\0");
+        let no_data = frame(b'n', b"");
+        let long_ready = frame(b'Z', b"II");
+        let wrong_bind = frame(b'2', b"x");
+        for other in [
+            answer(&[&error, &ready]),
+            answer(&[&bind, &error, &ready]),
+            answer(&[&bind, &desc, &row, &error, &ready]),
+            answer(&[&bind, &notice, &desc, &row, &done, &ready]),
+            answer(&[&bind, &desc, &notice, &row, &done, &ready]),
+            answer(&[&bind, &desc, &row, &done, &notice, &ready]),
+            answer(&[&bind, &no_data, &done, &ready]),
+            answer(&[&bind, &desc, &row, &done, &long_ready]),
+            answer(&[&wrong_bind, &desc, &row, &done, &ready]),
+            answer(&[&desc, &row, &done, &ready]),
+        ] {
+            assert!(point_answer(&other).is_none(), "{other:?}");
+        }
+        // A length under 4 is malformed: not the usual answer.
+        let mut bad = answer(&[&bind, &desc, &row, &done, &ready]);
+        bad[5 + desc.len() + 4] = 3;
+        assert!(point_answer(&bad).is_none());
     }
 }
