@@ -313,15 +313,15 @@ start_shardwire() { # config port log → sets LAST_PID
     wait_ready "$port" "shardwire ($cfg)" "$LAST_PID"
 }
 
-# utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/<pid>/stat; the
-# command name in field 2 may hold spaces, so count from the closing parenthesis).
+# utime and stime of a process, in clock ticks (fields 14 and 15 of /proc/<pid>/stat;
+# the command name in field 2 may hold spaces, so count from the closing parenthesis).
 proc_ticks() {
     local stat
     stat="$(cat "/proc/$1/stat" 2>/dev/null)" || { echo -; return; }
     stat="${stat##*) }"
     # shellcheck disable=SC2086
     set -- $stat
-    echo $((${12} + ${13}))
+    echo "${12} ${13}"
 }
 
 # ---------------------------------------------------------------------------
@@ -367,6 +367,37 @@ run_one() { # workload target round -- pgbench options
         "$([[ "$rc" == 0 ]] || echo "  (exit $rc: $(grep -m1 -iE 'error|abort' "$dir/err" "$dir/out" 2>/dev/null | cut -c1-150))")"
 }
 
+# PostgreSQL alone, no router: the -S simple load ($S_CLIENTS clients) as four pgbench
+# runs of a quarter of the clients each, against the four shard servers at once and
+# against the one server, next to each other in every round. What four servers on this
+# machine give against one is the most the 4-shard router can give against 1 shard. (On
+# a shard, 3 of 4 random aids find no row, which is cheaper: if anything, this flatters
+# the four servers.)
+servers_pair() { # round
+    local r="$1" t dir i rc ports pids
+    for t in $(rotated "$r" servers-1 servers-4); do
+        dir="$RUNS/servers/$t/r$r"
+        mkdir -p "$dir"
+        if [[ "$t" == servers-1 ]]; then
+            ports=("$DIRECT_PORT" "$DIRECT_PORT" "$DIRECT_PORT" "$DIRECT_PORT")
+        else
+            ports=("${FOUR_PORTS[@]}")
+        fi
+        pids=()
+        for i in 0 1 2 3; do
+            timeout -k 10 "$((DURATION * 4 + 60))" pgbench -h 127.0.0.1 -p "${ports[$i]}" \
+                -U "$DB_USER" -n -S -M simple -c "$((S_CLIENTS / 4))" -j 1 -T "$DURATION" "$DB" \
+                </dev/null >"$dir/out.$i" 2>&1 &
+            pids+=($!)
+        done
+        rc=0
+        for i in "${pids[@]}"; do wait "$i" || rc=$?; done
+        echo "$rc" >"$dir/rc"
+        awk '/^tps = / {s += $3; n++} END {if (n == 4) printf "%.1f\n", s}' "$dir"/out.* >"$dir/tps"
+        printf '%s: round %s  %-11s %-12s tps %s\n' "$PROG" "$r" S-servers "$t" "$(cat "$dir/tps")"
+    done
+}
+
 # The targets in the order given on odd rounds, reversed on even ones: neighbours stay
 # neighbours (their ratio is least disturbed by the shared machine's slow minutes), and
 # each goes first as often as the other.
@@ -392,6 +423,7 @@ run_round() {
             run_one "$wl" "$t" "$r" -- -S -M "$mode" -c "$S_CLIENTS" -j "$S_THREADS" -T "$DURATION"
         done
     done
+    servers_pair "$r"
     for t in $(rotated "$r" "${all[@]}"); do
         run_one point "$t" "$r" -- -f "$REPO_ROOT/scripts/bench/point-read.sql" -s "$SCALE" \
             -M simple -c 1 -j 1 -T "$DURATION"
@@ -510,12 +542,18 @@ write_report() { # file
         echo "server connections for PgBouncer and shardwire alike. Latency columns: pgbench's"
         echo "\`latency average\`, and p50/p99 of its per-transaction log (\`-l\`); proxy CPU is"
         echo "the proxy process's utime+stime (/proc/<pid>/stat) over the run divided by the"
-        echo "transactions processed. \"shardwire 4 shards\" is compared with direct PostgreSQL"
+        echo "transactions processed (the checks also give the two apart: user time is the"
+        echo "proxy's own work, system time the kernel's for its sends and receives, for waking"
+        echo "the process at the other end and for switching the proxy out and in again)."
+        echo "\"shardwire 4 shards\" is compared with direct PostgreSQL"
         echo "on one server and with shardwire on one shard (notes). \"shardwire 4 shards on 1"
         echo "server\" runs the four-shard config with every shard pointed at the one server:"
         echo "the same routing and the same four pools, one PostgreSQL. Its ratio to shardwire 1"
         echo "shard is the router's own cost of four shards; the ratio of shardwire 4 shards to"
-        echo "it is what four PostgreSQL servers on this machine cost."
+        echo "it is what four PostgreSQL servers on this machine cost. For comparison, every"
+        echo "round also runs PostgreSQL alone with four servers against one: the \`-S\` simple"
+        echo "load as four pgbench runs of a quarter of the clients each, against the four shard"
+        echo "servers at once, and against the one server (\`servers_pair\` in scripts/bench.sh)."
         echo
         echo "A client's unnamed statement (\`-M extended\` sends Parse \"\" before every"
         echo "execution) is kept by shardwire as a named statement on each server connection"

@@ -91,13 +91,21 @@ def summarize(run_dir):
     stats["p50_ms"] = percentile(lats, 50) / 1000.0 if lats else None
     stats["p99_ms"] = percentile(lats, 99) / 1000.0 if lats else None
     stats["max_ms"] = lats[-1] / 1000.0 if lats else None
-    cpu = read(os.path.join(run_dir, "cpu"), "-").split()
-    stats["cpu_us_per_txn"] = None
-    if len(cpu) == 2 and stats["txns"] > 0:
+    # "utime stime" before, then after (an older run's file: utime+stime before, after).
+    cpu = [int(v) for v in read(os.path.join(run_dir, "cpu"), "-").split() if v.isdigit()]
+    stats["cpu_us_per_txn"] = stats["user_us_per_txn"] = stats["sys_us_per_txn"] = None
+    if len(cpu) in (2, 4) and stats["txns"] > 0:
         hz = int(os.environ.get("CLK_TCK") or os.sysconf("SC_CLK_TCK"))
-        ticks = int(cpu[1]) - int(cpu[0])
+        per_txn = 1e6 / hz / stats["txns"]
+        if len(cpu) == 4:
+            user, system = cpu[2] - cpu[0], cpu[3] - cpu[1]
+            stats["user_us_per_txn"] = user * per_txn
+            stats["sys_us_per_txn"] = system * per_txn
+            ticks = user + system
+        else:
+            ticks = cpu[1] - cpu[0]
         stats["cpu_ticks"] = ticks
-        stats["cpu_us_per_txn"] = ticks * 1e6 / hz / stats["txns"]
+        stats["cpu_us_per_txn"] = ticks * per_txn
     stats["ok"] = (
         rc == 0
         and stats["aborted"] == 0
@@ -155,6 +163,8 @@ def agg(runs):
         "p50": med([r["p50_ms"] for r in ok]),
         "p99": med([r["p99_ms"] for r in ok]),
         "cpu": med([r["cpu_us_per_txn"] for r in ok]),
+        "cpu_user": med([r.get("user_us_per_txn") for r in ok]),
+        "cpu_sys": med([r.get("sys_us_per_txn") for r in ok]),
         "conn": med([r["conn_ms"] for r in ok]),
         "errors": [r for r in runs if not r["ok"]],
     }
@@ -233,7 +243,7 @@ def table(runs_dir):
             )
     print("\n".join(lines))
     print()
-    print(checks(aggs, data))
+    print(checks(aggs, data, runs_dir))
 
 
 def paired(data, wid, a, b, key="tps"):
@@ -253,7 +263,7 @@ def paired(data, wid, a, b, key="tps"):
     )
 
 
-def checks(aggs, data):
+def checks(aggs, data, runs_dir):
     """Issue 3's 'done when' items that one bench run can decide. Verdicts use the
     medians (the issue's wording); the round-by-round ratios are shown beside them."""
 
@@ -304,6 +314,16 @@ def checks(aggs, data):
                 also("S-simple", "shardwire", "pgbouncer", "cpu_us_per_txn"),
             )
         )
+        su, pu = g("S-simple", "shardwire", "cpu_user"), g("S-simple", "pgbouncer", "cpu_user")
+        ss, ps = g("S-simple", "shardwire", "cpu_sys"), g("S-simple", "pgbouncer", "cpu_sys")
+        if None not in (su, pu, ss, ps):
+            out.append(
+                "  - of which in the process itself (user time): {} µs vs {} µs; in the kernel "
+                "on its behalf (system time: its sends and receives, waking the other side, "
+                "being switched out): {} µs vs {} µs".format(
+                    f(su, "{:.1f}"), f(pu, "{:.1f}"), f(ss, "{:.1f}"), f(ps, "{:.1f}")
+                )
+            )
     for wid, name in (
         ("S-simple", "-S simple"),
         ("S-extended", "-S extended"),
@@ -330,7 +350,35 @@ def checks(aggs, data):
                     also(wid, "shardwire-4", "shardwire-4x1"),
                 )
             )
+    servers = servers_ratio(runs_dir)
+    if servers:
+        out.append(
+            "- for comparison, PostgreSQL alone (no router): four servers against one, "
+            "the same `-S` simple load as four pgbench runs of a quarter of the clients: "
+            + servers
+        )
     return "\n".join(out)
+
+
+def servers_ratio(runs_dir):
+    """servers_pair's runs: the ratio of the medians, and round by round."""
+    tps = {}
+    for t in ("servers-1", "servers-4"):
+        for r in glob.glob(os.path.join(runs_dir, "servers", t, "r*")):
+            v = read(os.path.join(r, "tps")).strip()
+            if v and read(os.path.join(r, "rc")).strip() == "0":
+                tps.setdefault(t, {})[os.path.basename(r)] = float(v)
+    one, four = tps.get("servers-1", {}), tps.get("servers-4", {})
+    if not one or not four:
+        return ""
+    rounds = sorted(set(one) & set(four), key=lambda r: int(r[1:]))
+    per = "/".join("{:.2f}".format(four[r] / one[r]) for r in rounds)
+    return "{} ({} vs {} TPS; per round {})".format(
+        ratio(med(four.values()), med(one.values())),
+        f(med(four.values())),
+        f(med(one.values())),
+        per,
+    )
 
 
 def errors(runs_dir):
