@@ -393,6 +393,7 @@ servers_pair() { # round
         rc=0
         for i in "${pids[@]}"; do wait "$i" || rc=$?; done
         echo "$rc" >"$dir/rc"
+        [[ "$rc" == 0 ]] || warn "PostgreSQL alone ($t): a pgbench run failed (see $dir)"
         awk '/^tps = / {s += $3; n++} END {if (n == 4) printf "%.1f\n", s}' "$dir"/out.* >"$dir/tps"
         printf '%s: round %s  %-11s %-12s tps %s\n' "$PROG" "$r" S-servers "$t" "$(cat "$dir/tps")"
     done

@@ -13,8 +13,10 @@
                                    errors; exit 3 if there is any (the smoke test's verdict)
 
 A run directory is RUNS_DIR/<workload>/<target>/r<round>/ with files cmd, out, err, rc,
-cpu ("<ticks before> <ticks after>" of the proxy process, or "-"), and log.* (pgbench -l).
-RUNS_DIR/workloads.tsv lists "<id>\t<label>" in display order.
+cpu ("<utime> <stime>" of the proxy process in ticks before, then after, or "-"), and
+log.* (pgbench -l). RUNS_DIR/workloads.tsv lists "<id>\t<label>" in display order.
+RUNS_DIR/servers/servers-{1,4}/r<round>/ hold PostgreSQL alone, four servers against one
+(files out.0-3, rc, tps: the four pgbench runs' summed TPS).
 """
 
 import glob
@@ -366,7 +368,7 @@ def servers_ratio(runs_dir):
     for t in ("servers-1", "servers-4"):
         for r in glob.glob(os.path.join(runs_dir, "servers", t, "r*")):
             v = read(os.path.join(r, "tps")).strip()
-            if v and read(os.path.join(r, "rc")).strip() == "0":
+            if v and float(v) > 0 and read(os.path.join(r, "rc")).strip() == "0":
                 tps.setdefault(t, {})[os.path.basename(r)] = float(v)
     one, four = tps.get("servers-1", {}), tps.get("servers-4", {})
     if not one or not four:
@@ -398,6 +400,13 @@ def errors(runs_dir):
                             r["failed"], r["txns"], r.get("error") or "",
                         )
                     )
+    for r in sorted(glob.glob(os.path.join(runs_dir, "servers", "*", "r*"))):
+        if read(os.path.join(r, "rc")).strip() != "0" or not read(os.path.join(r, "tps")).strip():
+            bad += 1
+            print("PostgreSQL alone ({}): a pgbench run failed: {}".format(
+                os.path.relpath(r, runs_dir),
+                " ".join(first_error(read(p)) for p in sorted(glob.glob(os.path.join(r, "out.*"))))
+                .strip()))
     return 3 if bad else 0
 
 

@@ -176,6 +176,9 @@ pub struct PointQuery<'s> {
     pub value: &'s [u8],
 }
 
+/// The longest point query a `PointMemo` keeps (one per session).
+const POINT_MEMO_MAX: usize = 1024;
+
 /// A session's last point query, for `Router::point_query_memo`: most sessions send
 /// the same few statements again and again with other values.
 #[derive(Default)]
@@ -192,14 +195,17 @@ impl PointMemo {
     /// Where `sql` has other digits in place of the memo's literal, when it is the
     /// memo's text with only those changed.
     ///
-    /// Such a text has the memo text's key. The lexer reads left to right, looking at
-    /// most a byte or two ahead, and what it looks ahead for at a digit is only whether
-    /// it is one. So over the same bytes before the literal it is in the same state
-    /// where the literal starts, and a number starts there. The number ends where the
-    /// memo's did: the byte after it, which is the same, did not continue the memo's
-    /// number (all digits, so no exponent either). From there the bytes are the same
-    /// again. Every byte of it is also the memo text's but the digits, so it is UTF-8
-    /// and holds no NUL, as the memo text.
+    /// Such a text has the memo text's key. The lexer reads left to right. In the memo
+    /// text a number starts at the literal, so every token before it ended before it,
+    /// and what the lexer looked at past their ends was at most the literal's first
+    /// byte, asking only whether it is a digit (`$1`, `.5`, an identifier running into
+    /// it) or one of a few other bytes (`--`, `/*`, a doubled quote, `U&'`): the same
+    /// answers for any digit. So over the same bytes before the literal it is in the
+    /// same state where the literal starts, and a number starts there. The number ends
+    /// where the memo's did: the byte after it, which is the same, did not continue the
+    /// memo's number (all digits, so no exponent either). From there the bytes are the
+    /// same again. Every byte of it is also the memo text's but the digits, so it is
+    /// UTF-8 and holds no NUL, as the memo text.
     fn digits_of(&self, sql: &[u8]) -> Option<Range<usize>> {
         let prefix = self.text.get(..self.digits.start)?;
         let suffix = self.text.get(self.digits.end..)?;
@@ -419,6 +425,14 @@ impl Router {
             }
         }
         let (shard, bound, digits) = self.point_span(sql)?;
+        if sql.len() > POINT_MEMO_MAX {
+            // Kept for the session's life: not a text of any length.
+            return Some(PointQuery {
+                shard,
+                bound,
+                value: &sql[digits],
+            });
+        }
         memo.router = Arc::downgrade(self);
         memo.text.clear();
         memo.text.extend_from_slice(sql);

@@ -967,8 +967,16 @@ fn point_literal_binds_only_a_lone_integer_key_literal_of_a_select() {
 /// number literal can pin (`BoundForm::shard_for` reads int keys itself).
 #[test]
 fn point_literal_routes_as_the_statement_does_for_every_key_type() {
-    let r = router();
-    let topo = topology();
+    // users' key as bigint (the test topology's) and as int.
+    let mut as_int = topology();
+    as_int.distributions[USERS].key_type = KeyType::Int;
+    for topo in [topology(), as_int] {
+        point_literals_route_as_their_statements(topo);
+    }
+}
+
+fn point_literals_route_as_their_statements(topo: Topology) {
+    let r = Router::new(Arc::new(topo.clone()));
     let mut bound = 0;
     for (table, column) in [
         ("users", "user_id"),
@@ -1021,9 +1029,10 @@ fn point_query_matches_no_text_that_is_not_utf8_or_holds_a_nul() {
     }
 }
 
-/// `point_query_memo` answers every text as `point_query` does, whatever the memo
-/// holds: texts of the memo's shape with other literals, texts that differ from it
-/// anywhere else, and texts no checked text has the key of.
+/// `point_query_memo` answers every text as `point_query` does while the shapes are
+/// cached, whatever the memo holds: texts of the memo's shape with other literals,
+/// texts that differ from it anywhere else, and texts no checked text has the key of.
+/// (A shape evicted from the cache stays known to the memo: its analysis still holds.)
 #[test]
 fn point_query_memo_answers_as_point_query_does() {
     let r = Arc::new(router());
@@ -1034,8 +1043,19 @@ fn point_query_memo_answers_as_point_query_does() {
         "SELECT name FROM users WHERE user_id = 42 /* cafe */",
         "SELECT name FROM users WHERE user_id = 42 -- c\n",
         "SELECT name FROM users WHERE user_id = 42 ORDER BY name",
-        // Not a point query: the memo stays as it was.
+        "SELECT name FROM users WHERE user_id = 42 ",
+        // Tokens that end right at the literal, or start right after it.
+        "SELECT name FROM users WHERE user_id =/*c*/42",
+        "SELECT name FROM users WHERE user_id = 42/*c*/",
+        "SELECT name FROM users WHERE user_id = 42--c",
+        "SELECT name FROM users WHERE user_id =42;",
+        "SELECT name FROM users WHERE user_id = 42 ORDER BY e",
+        "SELECT U&\"name\" FROM users WHERE user_id = 42",
+        "SELECT $$x$$, name FROM users WHERE user_id = 42",
+        "SELECT E'\\'', name FROM users WHERE user_id = 42",
+        // Not point queries: the memo stays as it was.
         "SELECT name FROM users WHERE user_id > 42",
+        "SELECT name FROM users WHERE user_id = 42 AND name = E'\\''",
     ];
     let mut texts: Vec<Vec<u8>> = Vec::new();
     for shape in shapes {
@@ -1079,6 +1099,8 @@ fn point_query_memo_answers_as_point_query_does() {
         texts.push(with(prefix, b"43", &[suffix, b"\0"].concat()));
         texts.push(with(prefix, b"43", &[suffix, b" OR user_id = 5"].concat()));
         texts.push(with(&[b"\xff", prefix].concat(), b"43", suffix));
+        // Shorter than the memo's text around its literal (prefix and suffix overlap).
+        texts.push(prefix.to_vec());
     }
     let long = |sql: &[u8]| {
         r.point_query(sql)
@@ -1129,6 +1151,17 @@ fn point_query_memo_is_used_and_only_by_its_router() {
     assert_eq!(p.value, b"9");
     b.with_cache(0, |_| {}); // (b's too: only the memo could answer)
     assert!(b.point_query_memo(sql, &mut memo).is_none(), "a's memo");
+    // Nor does a router made after `a` is gone (the memo keeps `a`'s address taken),
+    // whose cache is empty as `b`'s.
+    a.plan("SELECT name FROM users WHERE user_id = 1")
+        .expect("plans");
+    let mut memo = PointMemo::default();
+    assert!(a.point_query_memo(sql, &mut memo).is_some());
+    drop(a);
+    for _ in 0..100 {
+        let c = Arc::new(router());
+        assert!(c.point_query_memo(sql, &mut memo).is_none(), "a's memo");
+    }
 }
 
 #[test]
