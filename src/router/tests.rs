@@ -1131,6 +1131,29 @@ fn point_query_memo_answers_as_point_query_does() {
     assert!(hits > 1000, "{hits} point queries among the pairs");
 }
 
+/// A point query longer than `POINT_MEMO_MAX` is answered but not kept (a memo lives as
+/// long as its session); the memo keeps the last one that fits.
+#[test]
+fn point_query_memo_keeps_no_long_text() {
+    let r = Arc::new(router());
+    r.plan("SELECT name FROM users WHERE user_id = 1")
+        .expect("plans");
+    let long = format!(
+        "SELECT name FROM users WHERE user_id = 7 /* {} */",
+        "x".repeat(POINT_MEMO_MAX)
+    );
+    r.plan(&long).expect("plans");
+    let mut memo = PointMemo::default();
+    let short = b"SELECT name FROM users WHERE user_id = 5";
+    assert!(r.point_query_memo(short, &mut memo).is_some());
+    let p = r
+        .point_query_memo(long.as_bytes(), &mut memo)
+        .expect("a point query");
+    assert_eq!(p.value, b"7");
+    assert_eq!(memo.text, short, "the long text is not kept");
+    assert!(memo.text.capacity() < POINT_MEMO_MAX);
+}
+
 /// The memo answers on its own (the cache emptied, it still knows the shape), and only
 /// for the router that made it.
 #[test]
