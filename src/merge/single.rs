@@ -112,9 +112,8 @@ pub async fn relay_point(
 ) -> Result<Outcome, RelayError> {
     use super::StepKind::{Bind, DescribePortal, Execute, Sync};
     if steps.is_empty() {
-        if conn.buffered_frame()?.is_none() {
-            super::next_frame_len(conn, client).await?;
-        }
+        // Waits for the first frame (the buffer is empty but for a pipelined answer).
+        super::next_frame_len(conn, client).await?;
         if let Some(answer) = point_answer(conn.buffered()) {
             client
                 .wbuf
