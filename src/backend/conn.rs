@@ -22,7 +22,7 @@ use crate::topology::{Shard, ShardId};
 use super::BackendError;
 
 /// Largest message accepted from a shard (PostgreSQL's own limit for a field is 1 GB).
-const MAX_BACKEND_MESSAGE: u64 = 1 << 30;
+pub const MAX_BACKEND_MESSAGE: u64 = 1 << 30;
 
 /// A live, authenticated connection to one shard.
 pub struct ServerConn {
@@ -292,11 +292,13 @@ impl ServerConn {
         &self.rbuf
     }
 
-    /// Drop the first `n` buffered bytes: whole answers, the last of them a
-    /// ReadyForQuery with transaction status `status`.
-    pub fn answered(&mut self, status: u8, n: usize) {
-        self.status = status;
-        self.in_flight = false;
+    /// Drop the first `n` buffered bytes: whole frames, relayed; `ready` is the
+    /// transaction status of the last ReadyForQuery among them, if any.
+    pub fn relayed(&mut self, n: usize, ready: Option<u8>) {
+        if let Some(status) = ready {
+            self.status = status;
+            self.in_flight = false;
+        }
         self.rbuf.advance(n);
     }
 

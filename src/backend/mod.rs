@@ -5,7 +5,7 @@
 pub mod conn;
 pub mod pool;
 
-pub use conn::ServerConn;
+pub use conn::{ServerConn, MAX_BACKEND_MESSAGE};
 pub use pool::{Checkout, Pools};
 
 use crate::protocol::{sqlstate, PgError};

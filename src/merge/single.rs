@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 
 use super::{skip_to_sync, Outcome, RelayError, Step};
-use crate::backend::ServerConn;
+use crate::backend::{ServerConn, MAX_BACKEND_MESSAGE};
 use crate::frontend::client::ClientConn;
 
 /// Forward the shard's answers to `steps` to the client until the queue is empty.
@@ -24,8 +24,23 @@ pub async fn relay_single(
         let Some(Step::Server { kind, forward }) = steps.front().cloned() else {
             return Ok(out);
         };
-        // A frame already in the buffer is taken without the wait's machinery: most
-        // answers arrive in one read.
+        // Ordinary frames already in the buffer (most answers arrive in one read) go
+        // in one pass and one copy.
+        let buf = conn.buffered();
+        let scanned = scan_buffered(buf, steps.iter(), |r| {
+            client.wbuf.extend_from_slice(&buf[r])
+        });
+        if scanned.len > 0 {
+            conn.relayed(scanned.len, scanned.ready);
+            steps.drain(..scanned.ended);
+            done += scanned.ended;
+            if client.wbuf.len() > 64 * 1024 {
+                client.flush().await?;
+            }
+            continue;
+        }
+        // Anything else goes frame by frame; a frame already in the buffer is taken
+        // without the wait's machinery.
         let n = match conn.buffered_frame()? {
             Some(n) => n,
             None => super::next_frame_len(conn, client).await?,
@@ -118,7 +133,7 @@ pub async fn relay_point(
             client
                 .wbuf
                 .extend_from_slice(&conn.buffered()[answer.forward]);
-            conn.answered(answer.status, answer.len);
+            conn.relayed(answer.len, Some(answer.status));
             return Ok(Outcome::default());
         }
     }
@@ -144,7 +159,9 @@ struct PointAnswer {
 }
 
 /// `buf` starts with BindComplete, RowDescription, any DataRows, CommandComplete and
-/// ReadyForQuery, each whole (and of a length PostgreSQL gives them).
+/// ReadyForQuery, each whole (and of a length PostgreSQL gives them). What
+/// `scan_buffered` finds for the point query's four steps, with less work on the
+/// router's hottest path: no steps queued, no step checked frame by frame.
 fn point_answer(buf: &[u8]) -> Option<PointAnswer> {
     // The tag and length of the frame at `at`, when it is whole.
     let frame = |at: usize| -> Option<(u8, usize)> {
@@ -179,6 +196,74 @@ fn point_answer(buf: &[u8]) -> Option<PointAnswer> {
             len: at + 6,
         }),
         _ => None,
+    }
+}
+
+/// How far `scan_buffered` relayed the buffer.
+#[derive(Debug, PartialEq, Eq)]
+struct Scanned {
+    /// The bytes relayed (whole frames from the buffer's start).
+    len: usize,
+    /// The transaction status of the last ReadyForQuery among them.
+    ready: Option<u8>,
+    /// How many steps they ended.
+    ended: usize,
+}
+
+/// The frame-by-frame loop of `relay_single` for the ordinary frames already whole at
+/// the start of `buf` (the usual answer, after one read), answering `steps` in order:
+/// a frame answering a forwarded step is the client's, given to `to_client` as a range
+/// of `buf`, consecutive ones in one range (one copy); one answering an injected step
+/// is dropped; a frame that ends its step moves on to the next (`Scanned::ended`
+/// counts them). Stops at anything the loop must look at itself: a frame not whole yet
+/// (or of a length no shard sends), an error, a notice, ParameterStatus or
+/// notification, COPY, an answer to a `Shape` step, a ReadyForQuery that ends no step,
+/// and a `Synthetic` step.
+fn scan_buffered<'s>(
+    buf: &[u8],
+    steps: impl IntoIterator<Item = &'s Step>,
+    mut to_client: impl FnMut(std::ops::Range<usize>),
+) -> Scanned {
+    let (mut at, mut run, mut ready, mut ended) = (0, 0, None, 0);
+    let mut steps = steps.into_iter();
+    let mut step = steps.next();
+    while let Some(&Step::Server { kind, forward }) = step {
+        let Some(head) = buf.get(at..at + 5) else {
+            break;
+        };
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if len < 4 || len as u64 > MAX_BACKEND_MESSAGE || buf.len() - at <= len {
+            break;
+        }
+        let (tag, n) = (head[0], len + 1);
+        let ends = kind.is_terminal(tag);
+        match tag {
+            b'N' | b'S' | b'A' | b'E' | b'G' => break,
+            // Never forwarded: the session writes its own.
+            b'Z' if ends && n == 6 => ready = Some(buf[at + 5]),
+            b'Z' => break,
+            _ if kind == super::StepKind::Shape => break,
+            _ => {}
+        }
+        if !forward || tag == b'Z' {
+            if run < at {
+                to_client(run..at);
+            }
+            run = at + n;
+        }
+        at += n;
+        if ends {
+            ended += 1;
+            step = steps.next();
+        }
+    }
+    if run < at {
+        to_client(run..at);
+    }
+    Scanned {
+        len: at,
+        ready,
+        ended,
     }
 }
 
@@ -231,13 +316,196 @@ async fn copy_in(
 
 #[cfg(test)]
 mod tests {
-    use super::point_answer;
+    use std::collections::VecDeque;
+
+    use super::{point_answer, scan_buffered, Scanned};
+    use crate::merge::{Step, StepKind};
 
     fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut f = vec![tag];
         f.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
         f.extend_from_slice(body);
         f
+    }
+
+    fn steps(kinds: &[(StepKind, bool)]) -> VecDeque<Step> {
+        kinds
+            .iter()
+            .map(|&(kind, forward)| Step::Server { kind, forward })
+            .collect()
+    }
+
+    /// Scan `buf` against `steps`: what it found, the client's bytes, how many copies
+    /// they took, and how many steps ended.
+    fn scan(buf: &[u8], steps: &mut VecDeque<Step>) -> (Scanned, Vec<u8>, usize, usize) {
+        let (mut client, mut copies) = (Vec::new(), 0);
+        let scanned = scan_buffered(buf, steps.iter(), |r| {
+            client.extend_from_slice(&buf[r]);
+            copies += 1;
+        });
+        steps.drain(..scanned.ended);
+        let ended = scanned.ended;
+        (scanned, client, copies, ended)
+    }
+
+    fn cat(parts: &[&Vec<u8>]) -> Vec<u8> {
+        parts.iter().flat_map(|p| p.iter().copied()).collect()
+    }
+
+    use StepKind::{Bind, DescribePortal, Execute, Parse, Query, Shape, Sync};
+    const POINT: &[(StepKind, bool)] = &[
+        (Bind, false),
+        (DescribePortal, true),
+        (Execute, true),
+        (Sync, false),
+    ];
+
+    #[test]
+    fn whole_ordinary_answers_go_in_one_copy_and_end_their_steps() {
+        let bind = frame(b'2', b"");
+        let desc = frame(
+            b'T',
+            b"\0\x01abalance\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0",
+        );
+        let row = frame(b'D', b"\0\x01\0\0\0\x010");
+        let done_ = frame(b'C', b"SELECT 1\0");
+        let ready = frame(b'Z', b"I");
+        for rows in [0, 1, 3] {
+            let mut parts = vec![&bind, &desc];
+            parts.extend(std::iter::repeat_n(&row, rows));
+            parts.extend([&done_, &ready]);
+            let mut buf = cat(&parts);
+            let whole = buf.len();
+            // What follows the last answer (nothing the steps ask for) stays.
+            buf.extend_from_slice(&frame(b'N', b"Sx\0\0"));
+            let mut q = steps(POINT);
+            let (s, client, copies, done) = scan(&buf, &mut q);
+            assert_eq!(
+                s,
+                Scanned {
+                    len: whole,
+                    ready: Some(b'I'),
+                    ended: 4,
+                }
+            );
+            // BindComplete answered an unforwarded step: dropped.
+            assert_eq!(client, cat(&parts[1..parts.len() - 1]));
+            assert_eq!((copies, done, q.len()), (1, 4, 0));
+            // Cut anywhere: the whole frames before the cut, and nothing of the rest.
+            let ends: Vec<usize> = parts
+                .iter()
+                .scan(0, |at, p| {
+                    *at += p.len();
+                    Some(*at)
+                })
+                .collect();
+            for cut in 0..whole {
+                let mut q = steps(POINT);
+                let (s, client, _, done) = scan(&buf[..cut], &mut q);
+                let whole_frames = ends.iter().filter(|e| **e <= cut).count();
+                assert_eq!(s.len, ends[..whole_frames].last().copied().unwrap_or(0));
+                assert_eq!(s.ready, None, "cut at {cut}");
+                let forwarded = parts[..whole_frames].get(1..).unwrap_or_default();
+                assert_eq!(client, cat(forwarded), "cut at {cut}");
+                // Bind ends at its frame, Describe at the RowDescription, Execute at
+                // CommandComplete.
+                let ended = [1, 2, 2 + rows + 1]
+                    .iter()
+                    .filter(|f| **f <= whole_frames)
+                    .count();
+                assert_eq!((done, q.len()), (ended, 4 - ended), "cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn runs_break_at_dropped_answers_and_ready_for_query_and_go_on() {
+        let parsed = frame(b'1', b"");
+        let bind = frame(b'2', b"");
+        let row = frame(b'D', b"\0\x01\0\0\0\x017");
+        let done_ = frame(b'C', b"SELECT 1\0");
+        let idle = frame(b'Z', b"I");
+        let in_block = frame(b'Z', b"T");
+        // An injected Parse, then a pipelined second batch: the last status counts.
+        let buf = cat(&[
+            &parsed, &bind, &row, &done_, &idle, &bind, &row, &done_, &in_block,
+        ]);
+        let mut q = steps(&[
+            (Parse, false),
+            (Bind, true),
+            (Execute, true),
+            (Sync, false),
+            (Bind, true),
+            (Execute, true),
+            (Sync, false),
+        ]);
+        let (s, client, copies, done) = scan(&buf, &mut q);
+        assert_eq!(
+            s,
+            Scanned {
+                len: buf.len(),
+                ready: Some(b'T'),
+                ended: 7,
+            }
+        );
+        assert_eq!(client, cat(&[&bind, &row, &done_, &bind, &row, &done_]));
+        assert_eq!((copies, done, q.len()), (2, 7, 0));
+        // A simple query's answer, all forwarded but its ReadyForQuery.
+        let mut q = steps(&[(Query, true)]);
+        let buf = cat(&[&row, &done_, &row, &done_, &idle]);
+        let (s, client, copies, _) = scan(&buf, &mut q);
+        assert_eq!((s.len, s.ready), (buf.len(), Some(b'I')));
+        assert_eq!((client, copies), (cat(&[&row, &done_, &row, &done_]), 1));
+        // A Synthetic step stops the scan; its bytes come before what follows.
+        let mut q = steps(&[(Bind, true)]);
+        q.push_back(Step::Synthetic(bytes::Bytes::from_static(b"n\0\0\0\x04")));
+        q.push_back(Step::Server {
+            kind: Execute,
+            forward: true,
+        });
+        let buf = cat(&[&bind, &row, &done_]);
+        let (s, client, _, done) = scan(&buf, &mut q);
+        assert_eq!(
+            (s.len, client, done, q.len()),
+            (bind.len(), bind.clone(), 1, 2)
+        );
+    }
+
+    #[test]
+    fn anything_but_an_ordinary_whole_frame_is_left_to_the_frame_by_frame_loop() {
+        let bind = frame(b'2', b"");
+        let row = frame(b'D', b"\0\x01\0\0\0\x017");
+        let done_ = frame(b'C', b"SELECT 1\0");
+        let extended = &[(Bind, true), (Execute, true), (Sync, false)];
+        let mid_execute = vec![&bind, &row];
+        let after_execute = vec![&bind, &row, &done_];
+        for (before, stop) in [
+            (&mid_execute, frame(b'E', b"SERROR\0C42P01\0Mno\0\0")),
+            (&mid_execute, frame(b'N', b"SNOTICE\0Mhm\0\0")),
+            (&mid_execute, frame(b'S', b"a\0b\0")),
+            (&mid_execute, frame(b'A', b"\0\0\0\x01c\0\0")),
+            (&mid_execute, frame(b'G', b"\0\0\0")),
+            // A ReadyForQuery in the middle of a step, or of another length.
+            (&mid_execute, frame(b'Z', b"I")),
+            (&after_execute, frame(b'Z', b"II")),
+        ] {
+            let mut buf = cat(before);
+            buf.extend_from_slice(&stop);
+            buf.extend_from_slice(&done_);
+            let (s, client, _, _) = scan(&buf, &mut steps(extended));
+            assert_eq!(s.len, cat(before).len(), "{stop:?}");
+            assert_eq!(client, cat(before), "{stop:?}");
+            assert_eq!(s.ready, None);
+        }
+        // A length under 4 is malformed: left for the loop to report.
+        let mut bad = cat(&[&bind, &row]);
+        bad[bind.len() + 4] = 3;
+        let (s, _, _, _) = scan(&bad, &mut steps(extended));
+        assert_eq!(s.len, bind.len());
+        // A Shape step's answer is recorded by the loop, not relayed.
+        let described = frame(b't', b"\0\0");
+        let (s, client, _, _) = scan(&described, &mut steps(&[(Shape, false)]));
+        assert_eq!((s.len, client.len()), (0, 0));
     }
 
     #[test]
