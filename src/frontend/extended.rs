@@ -217,6 +217,48 @@ impl Portal {
     }
 }
 
+/// Bound portals by client name. The unnamed one, which most drivers bind for every
+/// statement, is kept apart: no hashing for each Bind, Describe and Execute.
+#[derive(Default)]
+pub struct Portals {
+    unnamed: Option<Portal>,
+    named: foldhash::HashMap<String, Portal>,
+}
+
+impl Portals {
+    /// Record `portal` as `name`, replacing any portal of that name.
+    fn insert(&mut self, name: &str, portal: Portal) {
+        if name.is_empty() {
+            self.unnamed = Some(portal);
+        } else {
+            self.named.insert(name.to_owned(), portal);
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&Portal> {
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.named.get(name)
+        }
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Portal> {
+        if name.is_empty() {
+            self.unnamed.take()
+        } else {
+            self.named.remove(name)
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.unnamed = None;
+        if !self.named.is_empty() {
+            self.named.clear();
+        }
+    }
+}
+
 /// Where a group of messages goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -848,7 +890,7 @@ impl Session {
         }
         if stmt.is_local() {
             self.portals.insert(
-                portal,
+                &portal,
                 Portal {
                     statement: stmt,
                     target: Target::Local,
@@ -857,13 +899,13 @@ impl Session {
             self.add_op(Target::Local, synthetic(b'2'));
             return Ok(());
         }
-        let router = self.shared.router.load_full();
+        let router = self.shared.router.load();
         let topology = router.topology();
         let target = match stmt.plan.statements.first() {
             None => Target::Shard(self.describe_shard()),
             Some(sp) => {
                 self.dirty |= sp.session_effects;
-                if super::session::may_change_schema(sp, sp.text(&stmt.sql)) {
+                if super::session::may_change_schema(sp, || sp.text(&stmt.sql)) {
                     self.schema_touched = true;
                 }
                 let param = |(i, value)| Param {
@@ -914,7 +956,7 @@ impl Session {
         };
         let rest = body.slice(b.rest_offset..);
         self.portals.insert(
-            portal.clone(),
+            &portal,
             Portal {
                 statement: stmt.clone(),
                 target: target.clone(),
@@ -1099,10 +1141,8 @@ impl Session {
             return Ok(());
         }
         let failed = std::mem::take(&mut self.pending.failed);
-        let unsynced: Vec<ShardId> = std::mem::take(&mut self.pending.unsynced)
-            .into_iter()
-            .collect();
-        for s in unsynced {
+        // (Only run_single and run_fanout add to the set; nothing below calls them.)
+        while let Some(s) = self.pending.unsynced.pop_first() {
             let Some(c) = self.held.get_mut(&s) else {
                 continue;
             };

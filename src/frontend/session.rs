@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::cancel::{Active, ServerKey};
 use super::client::{ClientConn, ClientError};
-use super::extended::{Deferred, Portal, PreparedStatement};
+use super::extended::{Deferred, PreparedStatement};
 use super::settings::Settings;
 use super::startup::{self, Handshake};
 use super::Shared;
@@ -56,7 +56,7 @@ pub async fn serve(mut client: ClientConn, shared: Arc<Shared>, peer: SocketAddr
         client,
         settings: Settings::from_startup(&greeted.params),
         statements: HashMap::default(),
-        portals: HashMap::default(),
+        portals: Default::default(),
         txn: None,
         held: Default::default(),
         batch_open: false,
@@ -232,7 +232,7 @@ pub struct Session {
     /// Protocol-level prepared statements by client name ("" is the unnamed one).
     pub statements: foldhash::HashMap<String, Arc<PreparedStatement>>,
     /// Bound portals by client name.
-    pub portals: foldhash::HashMap<String, Portal>,
+    pub portals: super::extended::Portals,
     pub txn: Option<Txn>,
     /// Shard connections this client holds right now.
     pub held: super::held::Held<Checkout>,
@@ -676,7 +676,7 @@ impl Session {
             _ => {
                 self.dirty |= stmt.session_effects;
                 let ok = self.run_routed(stmt, text).await?;
-                if may_change_schema(stmt, text) {
+                if may_change_schema(stmt, || text) {
                     self.schema_may_change();
                 }
                 Ok(ok)
@@ -1146,9 +1146,9 @@ fn savepoint_tag(text: &str) -> &'static str {
 /// Whether a statement can change what other statements' names resolve to or what types
 /// they have: utility statements (DDL, DO, CALL, …) except the common ones that cannot
 /// (COPY, VACUUM, ANALYZE, LISTEN/NOTIFY, cursors, SQL-level PREPARE/EXECUTE, LOCK, …),
-/// so that bulk loads and maintenance do not retire every kept statement. `text` is the
-/// statement's own text.
-pub(super) fn may_change_schema(stmt: &StatementPlan, text: &str) -> bool {
+/// so that bulk loads and maintenance do not retire every kept statement. `text` gives
+/// the statement's own text (asked for only for a utility statement).
+pub(super) fn may_change_schema<'t>(stmt: &StatementPlan, text: impl FnOnce() -> &'t str) -> bool {
     const NEUTRAL: [&str; 16] = [
         "COPY",
         "VACUUM",
@@ -1170,7 +1170,7 @@ pub(super) fn may_change_schema(stmt: &StatementPlan, text: &str) -> bool {
     if stmt.kind != StatementKind::Other {
         return false;
     }
-    let word = text
+    let word = text()
         .trim_start()
         .split(|c: char| !c.is_ascii_alphabetic())
         .next()

@@ -45,7 +45,7 @@ mod tests;
 use foldhash::HashMap;
 use std::cell::RefCell;
 use std::ops::Range;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 pub use error::RouteError;
 
@@ -119,10 +119,25 @@ pub struct StatementPlan {
     lits: Arc<[LitValue]>,
     /// This statement with its one literal as a parameter, when it has that form.
     bound: Option<Arc<BoundForm>>,
+    /// Where `point_route` reads the key from a parameter (`key = $n`), found at the
+    /// first `route_quiet` (see `ParamPoint`).
+    param_point: OnceLock<ParamPoint>,
     /// The statement may leave session state behind that the router does not track
     /// (`set_config(…, false)`, advisory locks, temporary objects, WITH HOLD cursors):
     /// the server connection must be reset before another client uses it.
     pub session_effects: bool,
+}
+
+/// Which parameter pins a statement's shard key (`key = $n` alone, or AND-ed with
+/// conditions on other columns, in a single-table statement), and in which
+/// distribution: what `point_route` finds before it reads the parameter's value. It
+/// holds for one topology, the one it was found under; a `Weak`, so that no later
+/// topology can have its address.
+#[derive(Debug, Clone)]
+struct ParamPoint {
+    topology: Weak<Topology>,
+    /// (the parameter's index, the distribution's index in `Topology::distributions`)
+    at: Option<(usize, usize)>,
 }
 
 /// A single SELECT with exactly one literal, a number, written as the same text with
@@ -362,11 +377,32 @@ impl StatementPlan {
     }
 
     /// Like `route`, without the `reason` text (left empty): for the proxy's hot path.
+    /// A statement whose key is a parameter (a prepared point query, most of what
+    /// drivers send) goes by `ParamPoint`: after its first use under a topology, only
+    /// the parameter is read.
     pub fn route_quiet(
         &self,
-        topology: &Topology,
+        topology: &Arc<Topology>,
         params: &[Param<'_>],
     ) -> Result<Routed, RouteError> {
+        if !params.is_empty() {
+            let point = self.param_point.get_or_init(|| ParamPoint {
+                topology: Arc::downgrade(topology),
+                at: route::point_param_dist(&self.shape, topology),
+            });
+            if std::ptr::eq(point.topology.as_ptr(), Arc::as_ptr(topology)) {
+                // As `point_route`: a value that is no key is left to `route`.
+                let shard = point.at.and_then(|(param, dist)| {
+                    route::param_shard(params, param, topology.distributions.get(dist)?)
+                });
+                if let Some(shard) = shard {
+                    return Ok(Routed {
+                        route: Route::Shard(shard),
+                        reason: String::new(),
+                    });
+                }
+            }
+        }
         route::route_statement(&self.shape, &self.lits, topology, params, false)
     }
 }
@@ -623,6 +659,7 @@ fn instantiate(shared: &SharedPlan, sql: &str, new_spans: &[LitSpan]) -> QueryPl
             shape: Arc::clone(&s.shape),
             lits: Arc::clone(&lits),
             bound: s.bound.clone(),
+            param_point: OnceLock::new(),
         })
         .collect();
     QueryPlan { statements }

@@ -187,6 +187,36 @@ pub(crate) fn point_literal_dist(shape: &StmtShape, topo: &Topology) -> Option<u
     }
 }
 
+/// The parameter index and the distribution (as `point_literal_dist`) when `point_route`
+/// reads this statement's key from a parameter (`key = $n`), whatever its value: `None`
+/// for any other statement.
+pub(crate) fn point_param_dist(shape: &StmtShape, topo: &Topology) -> Option<(usize, usize)> {
+    let Body::Query(q) = &shape.body else {
+        return None;
+    };
+    let router = Router {
+        q,
+        lits: &[],
+        topo,
+        params: &[],
+        explain: false,
+        notes: Vec::new(),
+        classes: Vec::new(),
+    };
+    match router.point_key()? {
+        (Value::Param(i), dist) => Some((*i, dist)),
+        _ => None,
+    }
+}
+
+/// The shard `point_route` gives for a key read from `params[i]` in `dist`: `None`
+/// when there is no such parameter or its value is NULL or no key.
+pub(crate) fn param_shard(params: &[Param<'_>], i: usize, dist: &Distribution) -> Option<ShardId> {
+    let p = params.get(i)?;
+    dist.shard_for(&param_key(p.value?, p.binary, dist.key_type)?)
+        .ok()
+}
+
 /// The shard of a number literal written `digits` as the key of `dist` (what
 /// `point_route` gives for it).
 pub(crate) fn number_shard(digits: &str, dist: &Distribution) -> Option<ShardId> {
@@ -344,10 +374,7 @@ impl<'a> Router<'a> {
                 }
                 KeyValue::from_text(&lit.text, ty)?
             }
-            Value::Param(i) => {
-                let p = self.params.get(*i)?;
-                param_key(p.value?, p.binary, ty)?
-            }
+            Value::Param(i) => return param_shard(self.params, *i, dist),
             _ => return None,
         };
         dist.shard_for(&key).ok()

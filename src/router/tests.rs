@@ -189,8 +189,15 @@ fn check(router: &Router, sql: &str, params: &[Param<'_>], want: Want) {
             .last()
             .unwrap_or_else(|| panic!("no statement in {sql}"));
         let full = last.route(&topo, params);
-        // The hot path (no reason text, point fast path) must decide exactly alike.
+        // The hot path (no reason text, point fast path) must decide exactly alike,
+        // the first time and once it knows which parameter is the key.
         let quiet = last.route_quiet(&topo, params);
+        let again = last.route_quiet(&topo, params);
+        assert_eq!(
+            format!("{quiet:?}"),
+            format!("{again:?}"),
+            "{sql}: route_quiet changed its mind"
+        );
         match (&full, &quiet) {
             (Ok(f), Ok(q)) => assert_eq!(f.route, q.route, "{sql}: route_quiet differs"),
             (Result::Err(f), Result::Err(q)) => assert_eq!(
@@ -1219,7 +1226,8 @@ fn a_number_cast_to_a_text_key_routes_by_its_value_not_its_spelling() {
     let n = (1..1000)
         .find(|n| shard(&n.to_string()) != shard(&format!("00{n}")))
         .expect("a number whose spellings hash apart");
-    let r = Router::new(Arc::new(topo.clone()));
+    let topo = Arc::new(topo);
+    let r = Router::new(topo.clone());
     for (sql, key) in [
         (
             format!("SELECT * FROM tenants WHERE name = 00{n}::text"),
@@ -1262,6 +1270,81 @@ fn a_number_cast_to_a_text_key_routes_by_its_value_not_its_spelling() {
             matches!(routed.route, Route::Multi { .. }),
             "{sql}: {:?}",
             routed.route
+        );
+    }
+}
+
+#[test]
+fn a_parameter_key_is_read_by_the_topology_it_was_found_under_only() {
+    let sql = "SELECT name FROM users WHERE user_id = $1";
+    let plan = router().plan(sql).expect("plans");
+    let stmt = &plan.statements[0];
+    let a = Arc::new(topology());
+    // The same tables with users placed by the accounts ranges: another shard for 2500.
+    let mut moved = topology();
+    for t in ["users", "orders", "events"] {
+        moved.tables.get_mut(t).expect("sharded").distribution = ACCOUNTS;
+    }
+    let b = Arc::new(moved);
+    let key = text("2500");
+    let on = |topo: &Topology| {
+        let dist = &topo.distributions[topo.table("users").expect("sharded").distribution];
+        Route::Shard(dist.shard_for(&int(2500)).expect("placed"))
+    };
+    assert_ne!(on(&a), on(&b), "the test needs a key placed apart");
+    for _ in 0..2 {
+        for topo in [&a, &b] {
+            let routed = stmt.route_quiet(topo, &[key]).expect("routes");
+            assert_eq!(routed.route, on(topo));
+            assert_eq!(
+                routed.route,
+                stmt.route(topo, &[key]).expect("routes").route
+            );
+        }
+    }
+    // Nor does a topology made after `a` is gone (the plan keeps `a`'s address taken).
+    drop(a);
+    let a2 = Arc::new(topology());
+    for _ in 0..100 {
+        let mut unsharded = topology();
+        unsharded.tables.clear();
+        let c = Arc::new(unsharded);
+        let routed = stmt.route_quiet(&c, &[key]).expect("routes");
+        assert_eq!(routed.route, Route::Shard(c.default_shard));
+    }
+    // The key is the parameter the statement names, not the first one.
+    let users = &b.distributions[USERS];
+    let v = (6..1000)
+        .find(|v| users.shard_for(&int(*v)) != users.shard_for(&int(5)))
+        .expect("keys placed apart");
+    let second = router()
+        .plan("SELECT name FROM users WHERE user_id = $2 AND name = $1")
+        .expect("plans");
+    let v_text = v.to_string();
+    let params = [
+        text("5"),
+        Param {
+            value: Some(v_text.as_bytes()),
+            ..text("")
+        },
+    ];
+    for _ in 0..2 {
+        let routed = second.statements[0]
+            .route_quiet(&a2, &params)
+            .expect("routes");
+        assert_eq!(
+            routed.route,
+            Route::Shard(users.shard_for(&int(v)).expect("placed"))
+        );
+    }
+    // A NULL or a value that is no key is routed the long way.
+    let b_plan = router().plan(sql).expect("plans");
+    for p in [Param::NULL, text("x")] {
+        let quiet = b_plan.statements[0].route_quiet(&b, &[p]);
+        let full = b_plan.statements[0].route(&b, &[p]);
+        assert_eq!(
+            quiet.map(|r| r.route).map_err(|e| e.sqlstate().to_owned()),
+            full.map(|r| r.route).map_err(|e| e.sqlstate().to_owned())
         );
     }
 }
