@@ -154,20 +154,28 @@ impl ServerName {
         let Some(key) = key else {
             return ServerName { buf, len: 0 };
         };
-        for (i, b) in buf[3..].iter_mut().enumerate() {
-            *b = b"0123456789abcdef"[((key >> (60 - 4 * i)) & 0xf) as usize];
-        }
+        buf[3..11].copy_from_slice(&hex8((key >> 32) as u32));
+        buf[11..].copy_from_slice(&hex8(key as u32));
         ServerName { buf, len: 19 }
     }
 
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
-    }
-
-    /// The name's bytes (ASCII), without the UTF-8 check of `as_str`.
+    /// The name's bytes (ASCII).
     fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
+}
+
+/// `x` as 8 lower-case hex digits, most significant first, without a loop: each nibble
+/// is spread into a byte of its own, and the bytes are made ASCII all at once (a name is
+/// written for every statement sent).
+fn hex8(x: u32) -> [u8; 8] {
+    let mut v = u64::from(x);
+    v = (v | v << 16) & 0x0000_ffff_0000_ffff;
+    v = (v | v << 8) & 0x00ff_00ff_00ff_00ff;
+    v = (v | v << 4) & 0x0f0f_0f0f_0f0f_0f0f;
+    // 1 in each byte whose nibble is 10 or more (no byte carries into the next).
+    let letters = ((v + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    (v + 0x3030_3030_3030_3030 + letters * (b'a' - b'0' - 10) as u64).to_be_bytes()
 }
 
 /// Texts of the clients' unnamed statements that the router has run, by hash. A text is
@@ -469,7 +477,7 @@ impl<'a> Batch<'a> {
             if key.is_none() {
                 self.unnamed = None;
             }
-            messages::parse(out, name.as_str(), &st.sql, &st.param_types);
+            messages::parse(out, name.as_bytes(), &st.sql, &st.param_types);
             let idx = self.step(StepKind::Parse, false);
             if let Some(h) = key {
                 self.uses.push((Use::Created, idx, h));
@@ -509,9 +517,9 @@ impl<'a> Batch<'a> {
         // batch is already learning it (this one is then compared with it).
         let first = st.shape.get().is_none() && !self.shaped.iter().any(|s| Arc::ptr_eq(s, st));
         let name = ServerName::new(key);
-        messages::parse(out, name.as_str(), &st.sql, copy_types(st));
+        messages::parse(out, name.as_bytes(), &st.sql, copy_types(st));
         self.step(StepKind::Parse, false);
-        messages::target(out, b'D', b'S', name.as_str());
+        messages::target(out, b'D', b'S', name.as_bytes());
         self.step(StepKind::Shape, false);
         self.shaped.push(st.clone());
         if first {
@@ -570,7 +578,7 @@ impl<'a> Batch<'a> {
                         // The shard answers what was sent; the rest follows the check.
                         return messages::empty_message(out, b'H');
                     };
-                    messages::rebind(out, portal, name.as_str(), rest);
+                    messages::rebind(out, portal, name.as_bytes(), rest);
                     let idx = self.step(StepKind::Bind, true);
                     if let Some(h) = key {
                         self.uses.push((Use::of(statement), idx, h));
@@ -582,7 +590,7 @@ impl<'a> Batch<'a> {
                     else {
                         return messages::empty_message(out, b'H');
                     };
-                    messages::target(out, b'D', b'S', name.as_str());
+                    messages::target(out, b'D', b'S', name.as_bytes());
                     let idx = self.step(StepKind::DescribeStatement, true);
                     if let Some(h) = key {
                         self.uses.push((Use::of(statement), idx, h));
@@ -641,7 +649,7 @@ fn encode_single<'a>(
             &mut conn.wbuf,
             b'C',
             b'S',
-            ServerName::new(Some(hash)).as_str(),
+            ServerName::new(Some(hash)).as_bytes(),
         );
         batch.step(StepKind::Close, false);
     }
@@ -1405,7 +1413,7 @@ impl Session {
         steps.clear();
         for hash in std::mem::take(&mut conn.stale) {
             let name = ServerName::new(Some(hash));
-            messages::target(&mut conn.wbuf, b'C', b'S', name.as_str());
+            messages::target(&mut conn.wbuf, b'C', b'S', name.as_bytes());
             steps.push_back(Step::Server {
                 kind: StepKind::Close,
                 forward: false,
@@ -1415,7 +1423,7 @@ impl Session {
         if create {
             messages::parse(
                 &mut conn.wbuf,
-                name.as_str(),
+                name.as_bytes(),
                 &bound.sql,
                 &[crate::router::INT4_OID],
             );
@@ -1574,15 +1582,33 @@ mod tests {
 
     #[test]
     fn server_names() {
-        assert_eq!(ServerName::new(None).as_str(), "");
+        assert_eq!(ServerName::new(None).as_bytes(), b"");
         assert_eq!(
-            ServerName::new(Some(0x0123_4567_89ab_cdef)).as_str(),
-            "sw_0123456789abcdef"
+            ServerName::new(Some(0x0123_4567_89ab_cdef)).as_bytes(),
+            b"sw_0123456789abcdef"
         );
         assert_eq!(
-            ServerName::new(Some(u64::MAX)).as_str(),
-            "sw_ffffffffffffffff"
+            ServerName::new(Some(u64::MAX)).as_bytes(),
+            b"sw_ffffffffffffffff"
         );
+        // Every nibble value in every place, as the formatter writes it.
+        let mut key = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..10_000 {
+            key = key.wrapping_mul(0x5851_f42d_4c95_7f2d).wrapping_add(1);
+            assert_eq!(
+                ServerName::new(Some(key)).as_bytes(),
+                format!("sw_{key:016x}").as_bytes()
+            );
+        }
+        for nibble in 0..16u64 {
+            for place in 0..16 {
+                let key = nibble << (4 * place);
+                assert_eq!(
+                    ServerName::new(Some(key)).as_bytes(),
+                    format!("sw_{key:016x}").as_bytes()
+                );
+            }
+        }
     }
 
     #[test]

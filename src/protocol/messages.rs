@@ -282,7 +282,12 @@ pub fn finish(buf: &mut BytesMut, at: usize) {
 }
 
 pub fn put_cstr(buf: &mut BytesMut, s: &str) {
-    buf.put_slice(s.as_bytes());
+    put_cbytes(buf, s.as_bytes());
+}
+
+/// `s` and a terminating NUL (`s` holds none).
+fn put_cbytes(buf: &mut BytesMut, s: &[u8]) {
+    buf.put_slice(s);
     buf.put_u8(0);
 }
 
@@ -334,9 +339,9 @@ pub fn authentication(buf: &mut BytesMut, code: i32, payload: &[u8]) {
 }
 
 /// Frontend Parse.
-pub fn parse(buf: &mut BytesMut, name: &str, sql: &str, types: &[u32]) {
+pub fn parse(buf: &mut BytesMut, name: impl AsRef<[u8]>, sql: &str, types: &[u32]) {
     let at = begin(buf, b'P');
-    put_cstr(buf, name);
+    put_cbytes(buf, name.as_ref());
     put_cstr(buf, sql);
     buf.put_u16(types.len() as u16);
     for t in types {
@@ -346,10 +351,10 @@ pub fn parse(buf: &mut BytesMut, name: &str, sql: &str, types: &[u32]) {
 }
 
 /// Frontend Bind re-addressed to `statement`, keeping the client's parameters and formats.
-pub fn rebind(buf: &mut BytesMut, portal: &str, statement: &str, rest: &[u8]) {
+pub fn rebind(buf: &mut BytesMut, portal: &str, statement: impl AsRef<[u8]>, rest: &[u8]) {
     let at = begin(buf, b'B');
     put_cstr(buf, portal);
-    put_cstr(buf, statement);
+    put_cbytes(buf, statement.as_ref());
     buf.put_slice(rest);
     finish(buf, at);
 }
@@ -381,10 +386,10 @@ pub fn describe_execute_sync_unnamed(buf: &mut BytesMut) {
 }
 
 /// Frontend Describe / Close.
-pub fn target(buf: &mut BytesMut, tag: u8, kind: u8, name: &str) {
+pub fn target(buf: &mut BytesMut, tag: u8, kind: u8, name: impl AsRef<[u8]>) {
     let at = begin(buf, tag);
     buf.put_u8(kind);
-    put_cstr(buf, name);
+    put_cbytes(buf, name.as_ref());
     finish(buf, at);
 }
 
