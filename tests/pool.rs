@@ -214,3 +214,51 @@ async fn a_broken_connection_frees_its_slot_for_the_next_waiter() {
     assert_eq!(rows.len(), 3, "row, description and command complete");
     r.stop().await;
 }
+
+/// Clients in line behind connect attempts that fail each learn the connect failure,
+/// the real reason, rather than that they waited too long: a failed attempt hands its
+/// slot to the next in line, which tries for itself within what is left of its wait.
+#[tokio::test]
+async fn waiters_behind_a_failing_connect_learn_the_connect_failure() {
+    // The default shard is a socket that accepts and never answers: every connect
+    // attempt holds the pool's only slot until the connect timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let mut opts = common::options();
+    opts.topology.shards[0].port = port;
+    opts.pool.size = 1;
+    opts.pool.connect_timeout = Duration::from_millis(1000);
+    opts.pool.checkout_timeout = Duration::from_millis(1500);
+    let r = shardwire::server::start(opts).await.expect("router starts");
+    let query = |c: tokio_postgres::Client| async move {
+        let res = tokio::time::timeout(Duration::from_secs(20), c.simple_query("SELECT 1"))
+            .await
+            .expect("an answer, not a hang");
+        (res, c)
+    };
+    // `first` takes the slot; its connect fails after 1 s. `second` then gets the slot
+    // and tries until its own wait is over; `third` gets it last, with what is left
+    // of its wait (at least a short try).
+    let first = tokio::spawn(query(common::connect(&r).await));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = tokio::spawn(query(common::connect(&r).await));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let third = tokio::spawn(query(common::connect(&r).await));
+    for (who, task) in [("first", first), ("second", second), ("third", third)] {
+        let (res, _c) = task.await.expect("client task");
+        let e = common::expect_sqlstate(res, "08001", who);
+        assert!(
+            e.message().contains("s0") && e.message().contains("timed out"),
+            "{who}: the connect failure, naming the shard: {e:?}"
+        );
+    }
+    r.stop().await;
+}

@@ -263,23 +263,24 @@ impl ShardPool {
         }
     }
 
-    /// Wait in line (until `watch` says the checkout timeout is over) for a connection or
-    /// a slot.
+    /// Wait in line for a connection or a slot, until `watch` says the checkout timeout
+    /// (ending at `deadline`) is over. Only the wait is a future of its own, and a small
+    /// one (it is not boxed: no allocation for the usual wait, which ends with a
+    /// connection handed over); opening a connection in a slot is boxed.
     async fn wait(
-        self: Arc<Self>,
+        self: &Arc<Self>,
         id: u64,
         rx: oneshot::Receiver<Grant>,
+        deadline: tokio::time::Instant,
     ) -> Result<Checkout, BackendError> {
-        let started = Instant::now();
         let mut queued = Queued {
-            pool: &self,
+            pool: self,
             id,
             rx,
             done: false,
         };
         let grant = match (&mut queued.rx).await {
-            Ok(Grant::Expired) => None,
-            Ok(g) => Some(g),
+            Ok(g) => g,
             Err(_) => {
                 return Err(BackendError::Connect {
                     shard: self.shard.name.clone(),
@@ -290,22 +291,23 @@ impl ShardPool {
         queued.done = true;
         drop(queued);
         match grant {
-            Some(Grant::Conn(p)) => Ok(self.checkout(p)),
-            Some(Grant::Open) => {
-                let slot = Slot::new(Arc::clone(&self));
+            Grant::Conn(p) => Ok(self.checkout(p)),
+            Grant::Open => {
+                let slot = Slot::new(Arc::clone(self));
                 // Connect within what is left of the checkout timeout (a slot handed
                 // over at the last moment still gets a short try).
-                let left = self.checkout_timeout.saturating_sub(started.elapsed());
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let timeout = self
                     .connect_timeout
                     .min(left.max(Duration::from_millis(100)));
-                slot.open(timeout).await
+                Box::pin(slot.open(timeout)).await
             }
-            Some(Grant::Expired) | None => {
+            Grant::Expired => {
                 // Out of time: if connecting failed meanwhile, that is the reason.
+                let started = deadline.into_std().checked_sub(self.checkout_timeout);
                 let failed = self.lock().last_failure.clone();
                 Err(match failed {
-                    Some((at, e)) if at >= started => e,
+                    Some((at, e)) if started.is_none_or(|s| at >= s) => e,
                     _ => BackendError::CheckoutTimeout {
                         shard: self.shard.name.clone(),
                         waited_ms: self.checkout_timeout.as_millis() as u64,
@@ -468,14 +470,13 @@ impl Pools {
                 if !std::mem::replace(&mut st.watched, true) {
                     tokio::spawn(watch(Arc::downgrade(sp)));
                 }
-                Some((id, rx))
+                Some((id, rx, deadline))
             }
         };
-        // The slow paths are boxed: their futures stay out of every session's request
-        // future.
         match wait {
+            // Boxed: a connect's future stays out of every session's request future.
             None => Box::pin(Slot::new(Arc::clone(sp)).open(sp.connect_limit())).await,
-            Some((id, rx)) => Box::pin(Arc::clone(sp).wait(id, rx)).await,
+            Some((id, rx, deadline)) => sp.wait(id, rx, deadline).await,
         }
     }
 
