@@ -246,12 +246,21 @@ async fn waiters_behind_a_failing_connect_learn_the_connect_failure() {
     };
     // `first` takes the slot; its connect fails after 1 s. `second` then gets the slot
     // and tries until its own wait is over; `third` gets it last, with what is left
-    // of its wait (at least a short try).
-    let first = tokio::spawn(query(common::connect(&r).await));
+    // of its wait (at least a short try), or runs out of time and is told the failure
+    // it waited through.
+    // (Connected first: a client's start waits on the default shard too.)
+    let clients = [
+        common::connect(&r).await,
+        common::connect(&r).await,
+        common::connect(&r).await,
+    ];
+    let [a, b, c] = clients;
+    let first = tokio::spawn(query(a));
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let second = tokio::spawn(query(common::connect(&r).await));
+    let second = tokio::spawn(query(b));
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let third = tokio::spawn(query(common::connect(&r).await));
+    let third = tokio::spawn(query(c));
+    let mut tried_ms = Vec::new();
     for (who, task) in [("first", first), ("second", second), ("third", third)] {
         let (res, _c) = task.await.expect("client task");
         let e = common::expect_sqlstate(res, "08001", who);
@@ -259,6 +268,18 @@ async fn waiters_behind_a_failing_connect_learn_the_connect_failure() {
             e.message().contains("s0") && e.message().contains("timed out"),
             "{who}: the connect failure, naming the shard: {e:?}"
         );
+        let ms = e
+            .message()
+            .split("timed out after ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{who}: how long it tried: {e:?}"));
+        tried_ms.push(ms);
     }
+    // The first tried for the whole connect timeout; the second, in line for about a
+    // second by then, only for what was left of its wait.
+    assert_eq!(tried_ms[0], 1000, "first: {tried_ms:?}");
+    assert!(tried_ms[1] < 1000, "second tried too long: {tried_ms:?}");
     r.stop().await;
 }

@@ -7,6 +7,9 @@ use super::{skip_to_sync, Outcome, RelayError, Step};
 use crate::backend::{ServerConn, MAX_BACKEND_MESSAGE};
 use crate::frontend::client::ClientConn;
 
+/// The client's write buffer is sent once it holds more than this, mid-answer.
+const CLIENT_FLUSH_AT: usize = 64 * 1024;
+
 /// Forward the shard's answers to `steps` to the client until the queue is empty.
 /// Cancel-safety: not cancel-safe (a half-relayed answer leaves the connection broken).
 pub async fn relay_single(
@@ -27,14 +30,15 @@ pub async fn relay_single(
         // Ordinary frames already in the buffer (most answers arrive in one read) go
         // in one pass and one copy.
         let buf = conn.buffered();
-        let scanned = scan_buffered(buf, steps.iter(), |r| {
+        let budget = CLIENT_FLUSH_AT.saturating_sub(client.wbuf.len());
+        let scanned = scan_buffered(buf, steps.iter(), budget, |r| {
             client.wbuf.extend_from_slice(&buf[r])
         });
         if scanned.len > 0 {
             conn.relayed(scanned.len, scanned.ready);
             steps.drain(..scanned.ended);
             done += scanned.ended;
-            if client.wbuf.len() > 64 * 1024 {
+            if client.wbuf.len() > CLIENT_FLUSH_AT {
                 client.flush().await?;
             }
             continue;
@@ -107,7 +111,7 @@ pub async fn relay_single(
                 }
             }
         }
-        if client.wbuf.len() > 64 * 1024 {
+        if client.wbuf.len() > CLIENT_FLUSH_AT {
             client.flush().await?;
         }
     }
@@ -158,17 +162,22 @@ struct PointAnswer {
     len: usize,
 }
 
+/// The tag and length (tag included) of the frame at `at` in `buf`, when it is whole and
+/// of a length a shard may send.
+fn whole_frame(buf: &[u8], at: usize) -> Option<(u8, usize)> {
+    let head = buf.get(at..at + 5)?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    (len >= 4 && len as u64 <= MAX_BACKEND_MESSAGE && buf.len() - at > len)
+        .then_some((head[0], len + 1))
+}
+
 /// `buf` starts with BindComplete, RowDescription, any DataRows, CommandComplete and
-/// ReadyForQuery, each whole (and of a length PostgreSQL gives them). What
-/// `scan_buffered` finds for the point query's four steps, with less work on the
-/// router's hottest path: no steps queued, no step checked frame by frame.
+/// ReadyForQuery, each whole (and of a length PostgreSQL gives them): the usual answer
+/// to a point query's four steps, which `scan_buffered` would relay too. Only that
+/// answer is looked for (anything else is left to `relay_single`), with less work on
+/// the router's hottest path: no steps queued, no step checked frame by frame.
 fn point_answer(buf: &[u8]) -> Option<PointAnswer> {
-    // The tag and length of the frame at `at`, when it is whole.
-    let frame = |at: usize| -> Option<(u8, usize)> {
-        let head = buf.get(at..at + 5)?;
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        (len >= 4 && buf.len() - at > len).then_some((head[0], len + 1))
-    };
+    let frame = |at: usize| whole_frame(buf, at);
     let mut at = match frame(0)? {
         (b'2', 5) => 5,
         _ => return None,
@@ -217,25 +226,25 @@ struct Scanned {
 /// is dropped; a frame that ends its step moves on to the next (`Scanned::ended`
 /// counts them). Stops at anything the loop must look at itself: a frame not whole yet
 /// (or of a length no shard sends), an error, a notice, ParameterStatus or
-/// notification, COPY, an answer to a `Shape` step, a ReadyForQuery that ends no step,
-/// and a `Synthetic` step.
+/// notification, COPY, an answer to a `Shape` step, a ReadyForQuery that ends no step
+/// or is not 6 bytes long, and a `Synthetic` step; and before a frame once `budget`
+/// bytes are relayed (the client's buffer is flushed in between).
 fn scan_buffered<'s>(
     buf: &[u8],
     steps: impl IntoIterator<Item = &'s Step>,
+    budget: usize,
     mut to_client: impl FnMut(std::ops::Range<usize>),
 ) -> Scanned {
     let (mut at, mut run, mut ready, mut ended) = (0, 0, None, 0);
     let mut steps = steps.into_iter();
     let mut step = steps.next();
     while let Some(&Step::Server { kind, forward }) = step {
-        let Some(head) = buf.get(at..at + 5) else {
-            break;
-        };
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        if len < 4 || len as u64 > MAX_BACKEND_MESSAGE || buf.len() - at <= len {
+        if at >= budget {
             break;
         }
-        let (tag, n) = (head[0], len + 1);
+        let Some((tag, n)) = whole_frame(buf, at) else {
+            break;
+        };
         let ends = kind.is_terminal(tag);
         match tag {
             b'N' | b'S' | b'A' | b'E' | b'G' => break,
@@ -339,7 +348,7 @@ mod tests {
     /// they took, and how many steps ended.
     fn scan(buf: &[u8], steps: &mut VecDeque<Step>) -> (Scanned, Vec<u8>, usize, usize) {
         let (mut client, mut copies) = (Vec::new(), 0);
-        let scanned = scan_buffered(buf, steps.iter(), |r| {
+        let scanned = scan_buffered(buf, steps.iter(), usize::MAX, |r| {
             client.extend_from_slice(&buf[r]);
             copies += 1;
         });
@@ -456,6 +465,23 @@ mod tests {
         let (s, client, copies, _) = scan(&buf, &mut q);
         assert_eq!((s.len, s.ready), (buf.len(), Some(b'I')));
         assert_eq!((client, copies), (cat(&[&row, &done_, &row, &done_]), 1));
+        // A budget stops the scan before the frame that starts past it.
+        let buf = cat(&[&bind, &row, &done_]);
+        for (budget, relayed) in [
+            (0, 0),
+            (1, bind.len()),
+            (bind.len() + 1, bind.len() + row.len()),
+        ] {
+            let mut q = steps(&[(Bind, true), (Execute, true)]);
+            let (mut client, mut done) = (Vec::new(), 0);
+            let s = scan_buffered(&buf, q.iter(), budget, |r| {
+                client.extend_from_slice(&buf[r])
+            });
+            done += s.ended;
+            q.drain(..s.ended);
+            assert_eq!((s.len, client.len()), (relayed, relayed), "budget {budget}");
+            assert_eq!(done, usize::from(relayed > 0));
+        }
         // A Synthetic step stops the scan; its bytes come before what follows.
         let mut q = steps(&[(Bind, true)]);
         q.push_back(Step::Synthetic(bytes::Bytes::from_static(b"n\0\0\0\x04")));

@@ -169,28 +169,29 @@ pub(crate) fn route_statement(
 /// from literal 0 of this statement (`key = 5`), whatever that literal's value: `None`
 /// for any other statement.
 pub(crate) fn point_literal_dist(shape: &StmtShape, topo: &Topology) -> Option<usize> {
-    let Body::Query(q) = &shape.body else {
-        return None;
-    };
-    let router = Router {
-        q,
-        lits: &[],
-        topo,
-        params: &[],
-        explain: false,
-        notes: Vec::new(),
-        classes: Vec::new(),
-    };
-    match router.point_key()? {
-        (Value::Lit { idx: 0, neg: false }, dist) => Some(dist),
+    point_key_of(shape, topo, |val, dist| match val {
+        Value::Lit { idx: 0, neg: false } => Some(dist),
         _ => None,
-    }
+    })
 }
 
 /// The parameter index and the distribution (as `point_literal_dist`) when `point_route`
 /// reads this statement's key from a parameter (`key = $n`), whatever its value: `None`
 /// for any other statement.
 pub(crate) fn point_param_dist(shape: &StmtShape, topo: &Topology) -> Option<(usize, usize)> {
+    point_key_of(shape, topo, |val, dist| match val {
+        Value::Param(i) => Some((*i, dist)),
+        _ => None,
+    })
+}
+
+/// `found` of where `point_route` reads this statement's key from (not read: no values
+/// are at hand) and the distribution's index, when it has one.
+fn point_key_of<T>(
+    shape: &StmtShape,
+    topo: &Topology,
+    found: impl FnOnce(&Value, usize) -> Option<T>,
+) -> Option<T> {
     let Body::Query(q) = &shape.body else {
         return None;
     };
@@ -203,10 +204,8 @@ pub(crate) fn point_param_dist(shape: &StmtShape, topo: &Topology) -> Option<(us
         notes: Vec::new(),
         classes: Vec::new(),
     };
-    match router.point_key()? {
-        (Value::Param(i), dist) => Some((*i, dist)),
-        _ => None,
-    }
+    let (val, dist) = router.point_key()?;
+    found(val, dist)
 }
 
 /// The shard `point_route` gives for a key read from `params[i]` in `dist`: `None`

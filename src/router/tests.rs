@@ -189,8 +189,8 @@ fn check(router: &Router, sql: &str, params: &[Param<'_>], want: Want) {
             .last()
             .unwrap_or_else(|| panic!("no statement in {sql}"));
         let full = last.route(&topo, params);
-        // The hot path (no reason text, point fast path) must decide exactly alike,
-        // the first time and once it knows which parameter is the key.
+        // The hot path (no reason text, point fast path, the memo of which parameter
+        // is the key) must decide exactly alike, and the same every time.
         let quiet = last.route_quiet(&topo, params);
         let again = last.route_quiet(&topo, params);
         assert_eq!(
@@ -1302,16 +1302,22 @@ fn a_parameter_key_is_read_by_the_topology_it_was_found_under_only() {
             );
         }
     }
-    // Nor does a topology made after `a` is gone (the plan keeps `a`'s address taken).
+    // Nor does a topology made after `a` is gone (the plan keeps `a`'s address taken),
+    // though it is a new allocation of the same size: with users unsharded, such a
+    // topology sends the key to the default shard, which `a`'s distribution does not.
+    let mut unsharded = topology();
+    unsharded.tables.clear();
+    unsharded.default_shard = (0..4)
+        .find(|s| Route::Shard(*s) != on(&a))
+        .expect("another shard");
     drop(a);
-    let a2 = Arc::new(topology());
     for _ in 0..100 {
-        let mut unsharded = topology();
-        unsharded.tables.clear();
-        let c = Arc::new(unsharded);
+        let c = Arc::new(unsharded.clone());
         let routed = stmt.route_quiet(&c, &[key]).expect("routes");
         assert_eq!(routed.route, Route::Shard(c.default_shard));
+        assert_eq!(routed.route, stmt.route(&c, &[key]).expect("routes").route);
     }
+    let a2 = Arc::new(topology());
     // The key is the parameter the statement names, not the first one.
     let users = &b.distributions[USERS];
     let v = (6..1000)
