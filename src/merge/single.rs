@@ -357,6 +357,21 @@ mod tests {
         (scanned, client, copies, ended)
     }
 
+    /// A point query's answer, frame by frame: BindComplete, RowDescription, a DataRow,
+    /// CommandComplete, ReadyForQuery.
+    fn point_frames() -> [Vec<u8>; 5] {
+        [
+            frame(b'2', b""),
+            frame(
+                b'T',
+                b"\0\x01abalance\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0",
+            ),
+            frame(b'D', b"\0\x01\0\0\0\x010"),
+            frame(b'C', b"SELECT 1\0"),
+            frame(b'Z', b"I"),
+        ]
+    }
+
     fn cat(parts: &[&Vec<u8>]) -> Vec<u8> {
         parts.iter().flat_map(|p| p.iter().copied()).collect()
     }
@@ -371,14 +386,7 @@ mod tests {
 
     #[test]
     fn whole_ordinary_answers_go_in_one_copy_and_end_their_steps() {
-        let bind = frame(b'2', b"");
-        let desc = frame(
-            b'T',
-            b"\0\x01abalance\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0",
-        );
-        let row = frame(b'D', b"\0\x01\0\0\0\x010");
-        let done_ = frame(b'C', b"SELECT 1\0");
-        let ready = frame(b'Z', b"I");
+        let [bind, desc, row, done_, ready] = point_frames();
         for rows in [0, 1, 3] {
             let mut parts = vec![&bind, &desc];
             parts.extend(std::iter::repeat_n(&row, rows));
@@ -536,33 +544,20 @@ mod tests {
 
     #[test]
     fn a_point_answer_is_found_whole_or_not_at_all() {
-        let bind = frame(b'2', b"");
-        let desc = frame(
-            b'T',
-            b"\0\x01abalance\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0",
-        );
-        let row = frame(b'D', b"\0\x01\0\0\0\x010");
-        let done = frame(b'C', b"SELECT 1\0");
-        let ready = frame(b'Z', b"I");
-        let answer = |parts: &[&Vec<u8>]| {
-            parts
-                .iter()
-                .flat_map(|p| p.iter().copied())
-                .collect::<Vec<u8>>()
-        };
+        let [bind, desc, row, done, ready] = point_frames();
 
         for rows in [0, 1, 3] {
             let mut parts = vec![&bind, &desc];
             parts.extend(std::iter::repeat_n(&row, rows));
             parts.extend([&done, &ready]);
-            let mut buf = answer(&parts);
+            let mut buf = cat(&parts);
             let whole = buf.len();
             // What follows the ReadyForQuery (never sent unasked, but not ours) stays.
             buf.extend_from_slice(&frame(b'N', b"Sx\0\0"));
             let a = point_answer(&buf).expect("the usual answer");
             assert_eq!(a.len, whole);
             assert_eq!(a.status, b'I');
-            assert_eq!(&buf[a.forward], &answer(&parts[1..parts.len() - 1])[..]);
+            assert_eq!(&buf[a.forward], &cat(&parts[1..parts.len() - 1])[..]);
             // Any part of it missing: not yet.
             for cut in 0..whole {
                 assert!(
@@ -572,7 +567,7 @@ mod tests {
             }
         }
         let in_block = frame(b'Z', b"T");
-        let a = point_answer(&answer(&[&bind, &desc, &row, &done, &in_block])).expect("in a block");
+        let a = point_answer(&cat(&[&bind, &desc, &row, &done, &in_block])).expect("in a block");
         assert_eq!(a.status, b'T');
         // Anything else is left to the frame-by-frame relay.
         let error = frame(b'E', b"SERROR\0C42P01\0Mno\0\0");
@@ -581,21 +576,21 @@ mod tests {
         let long_ready = frame(b'Z', b"II");
         let wrong_bind = frame(b'2', b"x");
         for other in [
-            answer(&[&error, &ready]),
-            answer(&[&bind, &error, &ready]),
-            answer(&[&bind, &desc, &row, &error, &ready]),
-            answer(&[&bind, &notice, &desc, &row, &done, &ready]),
-            answer(&[&bind, &desc, &notice, &row, &done, &ready]),
-            answer(&[&bind, &desc, &row, &done, &notice, &ready]),
-            answer(&[&bind, &no_data, &done, &ready]),
-            answer(&[&bind, &desc, &row, &done, &long_ready]),
-            answer(&[&wrong_bind, &desc, &row, &done, &ready]),
-            answer(&[&desc, &row, &done, &ready]),
+            cat(&[&error, &ready]),
+            cat(&[&bind, &error, &ready]),
+            cat(&[&bind, &desc, &row, &error, &ready]),
+            cat(&[&bind, &notice, &desc, &row, &done, &ready]),
+            cat(&[&bind, &desc, &notice, &row, &done, &ready]),
+            cat(&[&bind, &desc, &row, &done, &notice, &ready]),
+            cat(&[&bind, &no_data, &done, &ready]),
+            cat(&[&bind, &desc, &row, &done, &long_ready]),
+            cat(&[&wrong_bind, &desc, &row, &done, &ready]),
+            cat(&[&desc, &row, &done, &ready]),
         ] {
             assert!(point_answer(&other).is_none(), "{other:?}");
         }
         // A length under 4 is malformed: not the usual answer.
-        let mut bad = answer(&[&bind, &desc, &row, &done, &ready]);
+        let mut bad = cat(&[&bind, &desc, &row, &done, &ready]);
         bad[5 + desc.len() + 4] = 3;
         assert!(point_answer(&bad).is_none());
     }
