@@ -918,3 +918,49 @@ async fn shard_stopped_mid_run_then_back() {
     }
     r.stop().await;
 }
+
+/// While the default shard cannot be reached, a client's start tries it once to learn
+/// its ParameterStatus values, and the clients right after it do not try again: they
+/// are greeted at once with PostgreSQL's defaults. Statements still go to the shard.
+#[tokio::test]
+async fn clients_do_not_each_wait_on_an_unreachable_default_shard_to_start() {
+    // The default shard: a socket that accepts and never answers, counting attempts.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("address").port();
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = attempts.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    let tried = || attempts.load(std::sync::atomic::Ordering::SeqCst);
+    let mut opts = common::options();
+    opts.topology.shards[0].port = port;
+    opts.pool.connect_timeout = Duration::from_millis(500);
+    let r = shardwire::server::start(opts).await.expect("router starts");
+    let first = common::connect(&r).await;
+    assert_eq!(
+        tried(),
+        1,
+        "the first client's start tried the default shard"
+    );
+    let others = [common::connect(&r).await, common::connect(&r).await];
+    assert_eq!(tried(), 1, "later starts did not try it again");
+    // Greeted with the defaults, and served as usual: a statement for the default
+    // shard tries it and fails with the shard's name.
+    for c in [&first, &others[0], &others[1]] {
+        let version = c
+            .simple_query("SHOW server_version")
+            .await
+            .map(|_| ())
+            .map_err(|e| e.as_db_error().map(|d| d.code().code().to_owned()));
+        assert_eq!(version, Err(Some("08001".to_owned())));
+    }
+    assert!(tried() > 1, "statements still go to the shard");
+    r.stop().await;
+}

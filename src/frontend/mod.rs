@@ -11,7 +11,7 @@ pub mod startup;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
@@ -59,7 +59,14 @@ pub struct Shared {
     schema_epoch: std::sync::atomic::AtomicU64,
     /// ParameterStatus values of the default shard, learned from its first connection.
     server_params: Mutex<Option<Vec<(String, String)>>>,
+    /// When learning `server_params` last failed (the default shard unreachable).
+    server_params_failed: Mutex<Option<Instant>>,
 }
+
+/// After the default shard failed to answer, clients are greeted with PostgreSQL's
+/// defaults for this long before a new client tries it again: while it is down, a
+/// client that uses other shards does not wait on it at every start.
+const SERVER_PARAMS_RETRY: Duration = Duration::from_secs(5);
 
 impl Shared {
     pub fn new(
@@ -82,6 +89,7 @@ impl Shared {
             seen_texts: Default::default(),
             schema_epoch: Default::default(),
             server_params: Mutex::new(None),
+            server_params_failed: Mutex::new(None),
         }
     }
 
@@ -121,7 +129,8 @@ impl Shared {
         .collect()
     }
 
-    /// Learn the default shard's ParameterStatus values (once).
+    /// Learn the default shard's ParameterStatus values (once; not again for
+    /// `SERVER_PARAMS_RETRY` after a failed attempt).
     pub async fn learn_server_params(&self) {
         if self
             .server_params
@@ -131,13 +140,28 @@ impl Shared {
         {
             return;
         }
+        let failed_lately = self
+            .server_params_failed
+            .lock()
+            .map(|f| f.is_some_and(|at| at.elapsed() < SERVER_PARAMS_RETRY))
+            .unwrap_or(false);
+        if failed_lately {
+            return;
+        }
         let shard = self.router.load().topology().default_shard;
         let fut = self.pools.checkout(shard);
-        if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(2), fut).await {
-            let mut params = conn.params.clone();
-            params.retain(|(k, _)| k != "session_authorization" && k != "is_superuser");
-            if let Ok(mut p) = self.server_params.lock() {
-                *p = Some(params);
+        match tokio::time::timeout(Duration::from_secs(2), fut).await {
+            Ok(Ok(conn)) => {
+                let mut params = conn.params.clone();
+                params.retain(|(k, _)| k != "session_authorization" && k != "is_superuser");
+                if let Ok(mut p) = self.server_params.lock() {
+                    *p = Some(params);
+                }
+            }
+            _ => {
+                if let Ok(mut f) = self.server_params_failed.lock() {
+                    *f = Some(Instant::now());
+                }
             }
         }
     }
