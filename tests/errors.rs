@@ -925,19 +925,7 @@ async fn shard_stopped_mid_run_then_back() {
 #[tokio::test]
 async fn clients_do_not_each_wait_on_an_unreachable_default_shard_to_start() {
     // The default shard: a socket that accepts and never answers, counting attempts.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = silent.local_addr().expect("address").port();
-    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = attempts.clone();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            held.push(s);
-        }
-    });
+    let (port, attempts) = common::silent_server().await;
     let tried = || attempts.load(std::sync::atomic::Ordering::SeqCst);
     let mut opts = common::options();
     opts.topology.shards[0].port = port;

@@ -222,16 +222,7 @@ async fn a_broken_connection_frees_its_slot_for_the_next_waiter() {
 async fn waiters_behind_a_failing_connect_learn_the_connect_failure() {
     // The default shard is a socket that accepts and never answers: every connect
     // attempt holds the pool's only slot until the connect timeout.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = silent.local_addr().expect("address").port();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            held.push(s);
-        }
-    });
+    let (port, _) = common::silent_server().await;
     let mut opts = common::options();
     opts.topology.shards[0].port = port;
     opts.pool.size = 1;

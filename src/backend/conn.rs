@@ -296,10 +296,15 @@ impl ServerConn {
     /// transaction status of the last ReadyForQuery among them, if any.
     pub fn relayed(&mut self, n: usize, ready: Option<u8>) {
         if let Some(status) = ready {
-            self.status = status;
-            self.in_flight = false;
+            self.ready_for_query(status);
         }
         self.rbuf.advance(n);
+    }
+
+    /// A ReadyForQuery with transaction status `status` arrived: nothing is in flight.
+    fn ready_for_query(&mut self, status: u8) {
+        self.status = status;
+        self.in_flight = false;
     }
 
     /// Drop the first `n` buffered bytes (a frame read with `frame`).
@@ -313,8 +318,7 @@ impl ServerConn {
         match frame_len(&self.rbuf, MAX_BACKEND_MESSAGE) {
             Ok(Some(n)) if self.rbuf.len() >= n => {
                 if self.rbuf[0] == b'Z' {
-                    self.status = self.rbuf.get(5).copied().unwrap_or(b'I');
-                    self.in_flight = false;
+                    self.ready_for_query(self.rbuf.get(5).copied().unwrap_or(b'I'));
                 }
                 Ok(Some(n))
             }

@@ -376,6 +376,15 @@ mod tests {
         parts.iter().flat_map(|p| p.iter().copied()).collect()
     }
 
+    /// The usual answer to a point query with `rows` rows, frame by frame.
+    fn point_answer_parts(frames: &[Vec<u8>; 5], rows: usize) -> Vec<&Vec<u8>> {
+        let [bind, desc, row, done, ready] = frames;
+        let mut parts = vec![bind, desc];
+        parts.extend(std::iter::repeat_n(row, rows));
+        parts.extend([done, ready]);
+        parts
+    }
+
     use StepKind::{Bind, DescribePortal, Execute, Parse, Query, Shape, Sync};
     const POINT: &[(StepKind, bool)] = &[
         (Bind, false),
@@ -386,11 +395,9 @@ mod tests {
 
     #[test]
     fn whole_ordinary_answers_go_in_one_copy_and_end_their_steps() {
-        let [bind, desc, row, done_, ready] = point_frames();
+        let frames = point_frames();
         for rows in [0, 1, 3] {
-            let mut parts = vec![&bind, &desc];
-            parts.extend(std::iter::repeat_n(&row, rows));
-            parts.extend([&done_, &ready]);
+            let parts = point_answer_parts(&frames, rows);
             let mut buf = cat(&parts);
             let whole = buf.len();
             // What follows the last answer (nothing the steps ask for) stays.
@@ -544,12 +551,10 @@ mod tests {
 
     #[test]
     fn a_point_answer_is_found_whole_or_not_at_all() {
-        let [bind, desc, row, done, ready] = point_frames();
-
+        let frames = point_frames();
+        let [bind, desc, row, done, ready] = frames.clone();
         for rows in [0, 1, 3] {
-            let mut parts = vec![&bind, &desc];
-            parts.extend(std::iter::repeat_n(&row, rows));
-            parts.extend([&done, &ready]);
+            let parts = point_answer_parts(&frames, rows);
             let mut buf = cat(&parts);
             let whole = buf.len();
             // What follows the ReadyForQuery (never sent unasked, but not ours) stays.

@@ -608,3 +608,23 @@ pub mod wire {
         execute(buf, "", 0);
     }
 }
+
+/// A server that accepts connections and never answers (a shard that hangs): every
+/// connect attempt to it lasts until the router's connect timeout. Returns its port and
+/// how many connections it has accepted so far.
+pub async fn silent_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("address").port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    (port, accepted)
+}
