@@ -31,7 +31,7 @@
 # per-transaction logs, each proxy's CPU per transaction from /proc/<pid>/stat).
 # Everything it started is stopped on exit, also on failure or Ctrl-C.
 #
-# Environment (flags win): BENCH_ROUNDS (3), BENCH_DURATION (10 s), BENCH_SCALE (10),
+# Environment (flags win): BENCH_ROUNDS (5), BENCH_DURATION (10 s), BENCH_SCALE (10),
 # BENCH_IDLE (10000), BENCH_CONCURRENT (1000), BENCH_CONCURRENT_SECS (30) (0 = skip),
 # BENCH_OUT (BENCHMARKS.md in the repo; full mode only), BENCH_KEEP=1 keeps the work
 # directory (pgbench outputs, configs, logs) instead of deleting it. SHARDWIRE_BIN=path
@@ -76,7 +76,7 @@ if [[ "$SMOKE" == 1 ]]; then
     S_CLIENTS=4 S_THREADS=2 TPCB_CLIENTS=2 STORM_CLIENTS=4 STORM_TXNS=5
     IDLE_N="${BENCH_IDLE:-200}" CONC_N="${BENCH_CONCURRENT:-50}" CONC_SECS="${BENCH_CONCURRENT_SECS:-2}"
 else
-    ROUNDS="${ROUNDS:-3}" DURATION="${DURATION:-10}" SCALE="${SCALE:-10}"
+    ROUNDS="${ROUNDS:-5}" DURATION="${DURATION:-10}" SCALE="${SCALE:-10}"
     S_CLIENTS=16 S_THREADS=2 TPCB_CLIENTS=8 STORM_CLIENTS=10 STORM_TXNS=50
     IDLE_N="${BENCH_IDLE:-10000}" CONC_N="${BENCH_CONCURRENT:-1000}" CONC_SECS="${BENCH_CONCURRENT_SECS:-30}"
 fi
